@@ -1,0 +1,36 @@
+"""`promptcast demo`: the whole split on one machine, offline, in a few seconds."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptcast"
+
+
+def run_demo(out: str = "promptcast-demo.png", prompt: str = "a red fox sitting in a snowy forest at dusk",
+             family: str = "flux1", seed: int = 0, echo=print) -> Path:
+    """Build (or reuse) a tiny model, serve its text encoders on a free local port, generate one
+    image through gRPC on the denoiser side and report where the time and bytes went."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from denoiser_client.generate import GenerateOptions, generate
+    from denoiser_client.remote import RemoteTextEncoder
+    from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
+    from shared.tiny_models import make_tiny_model
+
+    started = time.perf_counter()
+    model_dir = make_tiny_model(default_home() / f"tiny-{family}", family)
+    echo(f"tiny {family} model: {model_dir}")
+    with BackgroundServer(ServerConfig([ModelSpec(str(model_dir), name=f"tiny-{family}")], port=0)) as server:
+        echo(f"encoder server: {server.address} (text encoders only)")
+        with RemoteTextEncoder(server.address, timeout=120) as encoder:
+            path, t = generate(encoder, str(model_dir), prompt, out,
+                               options=GenerateOptions(seed=seed, steps=4, width=64, height=64))
+    echo(f"image: {path.resolve()}")
+    echo(f"encode {t.encode * 1000:.1f} ms | transfer {t.transfer * 1000:.1f} ms | denoise {t.denoise * 1000:.1f} ms"
+         f" | decode {t.decode * 1000:.1f} ms | {t.wire_bytes:,} embedding bytes over gRPC"
+         f" | total {time.perf_counter() - started:.1f} s")
+    return path

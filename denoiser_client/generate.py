@@ -1,0 +1,85 @@
+"""One image on a denoiser node: handshake, remote embeddings, local denoising, atomic save."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from denoiser_client.errors import InvalidArgument
+from denoiser_client.pipeline import Timings, handshake, load_denoiser, remote_embeddings, run_pipeline
+from denoiser_client.remote import ModelInfo, RemoteTextEncoder
+from shared.families import PIPELINE_FAMILIES
+
+
+@dataclass
+class GenerateOptions:
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    max_sequence_length: int | None = None
+
+    def call_kwargs(self, device: str) -> dict:
+        import torch
+
+        if self.width is not None and self.width % 16 or self.height is not None and self.height % 16:
+            raise InvalidArgument(f"width={self.width} and height={self.height} must be divisible by 16")
+        kwargs = {"generator": torch.Generator("cpu").manual_seed(self.seed),
+                  "num_inference_steps": self.steps, "guidance_scale": self.guidance, "width": self.width,
+                  "height": self.height, "true_cfg_scale": self.true_cfg_scale,
+                  "max_sequence_length": self.max_sequence_length}
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def pick_encoder_model(encoder: RemoteTextEncoder, source: str, name: str | None) -> ModelInfo:
+    """`--encoder-model`, else the server's only model, else the one named like SRC's last part."""
+    models = {m.name: m for m in encoder.models()}
+    if name is not None:
+        return encoder.model_info(name)
+    if len(models) == 1:
+        return next(iter(models.values()))
+    guess = source.rstrip("/").split("/")[-1]
+    if guess in models:
+        return models[guess]
+    raise InvalidArgument(f"the server hosts {sorted(models)} and none is named {guess!r}: pass --encoder-model")
+
+
+def save_atomically(image, out: str | os.PathLike) -> Path:
+    """Write to a temp file in the same folder, fsync, rename: never a partial image at `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=(out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def generate(encoder: RemoteTextEncoder, source: str, prompt: str, out: str | os.PathLike, *,
+             encoder_model: str | None = None, options: GenerateOptions = GenerateOptions(), device: str = "cpu",
+             dtype=None, pipe=None) -> tuple[Path, Timings]:
+    """Generate one image through the split pipeline and save it; returns `(path, timings)`."""
+    import torch
+
+    info = pick_encoder_model(encoder, source, encoder_model)
+    if pipe is None:
+        pipe, family = load_denoiser(source, device=device, dtype=dtype or torch.float32)
+    else:
+        family = PIPELINE_FAMILIES[type(pipe).__name__]
+    handshake(pipe, family, info)
+    timings = Timings()
+    embeddings = remote_embeddings(encoder, info.name, prompt, negative_prompt=options.negative_prompt,
+                                   max_sequence_length=options.max_sequence_length, timings=timings)
+    image = run_pipeline(pipe, embeddings, timings=timings, **options.call_kwargs(device))
+    return save_atomically(image, out), timings

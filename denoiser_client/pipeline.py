@@ -1,0 +1,111 @@
+"""Denoiser-side pipelines: the diffusers pipeline with its text encoders left on the server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from denoiser_client.errors import IncompatibleModel, InvalidArgument
+from denoiser_client.remote import ModelInfo, RemoteTextEncoder
+from shared.families import EMBEDDING_WIDTHS, PIPELINE_FAMILIES, TEXT_COMPONENTS
+
+logger = logging.getLogger(__name__)
+
+
+def read_model_index(source: str) -> dict:
+    path = Path(source).expanduser()
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise InvalidArgument(f"{source!r} has no model_index.json: pass a diffusers model folder or a hub repo id")
+        return json.loads(index.read_text(encoding="utf-8"))
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise InvalidArgument(f"model folder {source!r} does not exist (and it is not a hub repo id like 'org/name')")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: one clear line
+        raise InvalidArgument(f"could not read model_index.json of hub repo {source!r}: {e}") from None
+
+
+def load_denoiser(source: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a diffusers pipeline with every text encoder and tokenizer set to None: their weights
+    are never read (nor downloaded) on the denoiser node. Returns `(pipe, family)`."""
+    import diffusers
+
+    class_name = read_model_index(source).get("_class_name")
+    family = PIPELINE_FAMILIES.get(class_name)
+    if family is None:
+        raise InvalidArgument(f"{source!r} is a {class_name!r}; promptcast denoises "
+                              f"{', '.join(sorted(PIPELINE_FAMILIES))}")
+    none = {component: None for component in TEXT_COMPONENTS[family]}
+    pipe = getattr(diffusers, class_name).from_pretrained(source, dtype=dtype, **none)
+    return pipe.to(device), family
+
+
+def handshake(pipe, family: str, info: ModelInfo) -> None:
+    """Refuse a server model whose embeddings do not fit this transformer, naming both numbers."""
+    if info.family != family:
+        raise IncompatibleModel(f"server model {info.name!r} is {info.family}, but the local pipeline is {family}: "
+                                "pick a matching --encoder-model")
+    config = pipe.transformer.config
+    for output, key in EMBEDDING_WIDTHS[family].items():
+        spec = info.output(output)
+        if spec is None:
+            raise IncompatibleModel(f"server model {info.name!r} does not produce {output}")
+        if spec.shape[-1] != config[key]:
+            raise IncompatibleModel(
+                f"server model {info.name!r} produces {output} of width {spec.shape[-1]}, but the local transformer's "
+                f"{key} is {config[key]}: they belong to different models")
+
+
+@dataclass
+class Timings:
+    encode: float = 0.0  # server time (queue + encode, or cache lookup)
+    transfer: float = 0.0  # the rest of the encode call: network, (de)serialisation
+    denoise: float = 0.0
+    decode: float = 0.0
+    wire_bytes: int = 0
+    cache_status: list[str] = field(default_factory=list)
+
+
+def remote_embeddings(encoder: RemoteTextEncoder, model: str, prompt: str, *, negative_prompt: str | None = None,
+                      max_sequence_length: int | None = None, timings: Timings | None = None) -> dict:
+    """Embeddings of a prompt (and its negative prompt), keyed as the diffusers call wants them."""
+    timings = timings if timings is not None else Timings()
+    prompts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
+    started = time.perf_counter()
+    tensors, info = encoder.encode(prompts, model, max_sequence_length=max_sequence_length, with_info=True)
+    total = time.perf_counter() - started
+    timings.encode += info.server_seconds
+    timings.transfer += max(0.0, total - info.server_seconds)
+    timings.wire_bytes += info.bytes_received
+    timings.cache_status += info.cache_status
+    kwargs = {name: t[:1] for name, t in tensors.items()}
+    if negative_prompt is not None:
+        kwargs.update({f"negative_{name}": t[1:] for name, t in tensors.items()})
+    return kwargs
+
+
+def run_pipeline(pipe, embeddings: dict, *, timings: Timings | None = None, **call_kwargs):
+    """Call the pipeline on precomputed embeddings, splitting its time into denoise and decode."""
+    timings = timings if timings is not None else Timings()
+    marks = []
+
+    def mark_step(pipeline, step, timestep, callback_kwargs):
+        marks.append(time.perf_counter())
+        return callback_kwargs
+
+    started = time.perf_counter()
+    image = pipe(**embeddings, **call_kwargs, callback_on_step_end=mark_step).images[0]
+    finished = time.perf_counter()
+    last_step = marks[-1] if marks else started
+    timings.denoise += last_step - started
+    timings.decode += finished - last_step
+    return image

@@ -1,0 +1,223 @@
+"""`RemoteTextEncoder`: prompt embeddings from a promptcast encoder server, as diffusers wants them."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from denoiser_client import errors
+from shared.promptcast.v1 import encoder_pb2 as pb
+from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
+from shared.tensor_codec import DTYPES, EmbeddingAssembler
+from shared.tensor_codec import PayloadError as _WirePayloadError
+
+CACHE_STATUS_NAMES = {pb.CACHE_STATUS_MISS: "miss", pb.CACHE_STATUS_MEMORY: "memory", pb.CACHE_STATUS_DISK: "disk",
+                      pb.CACHE_STATUS_REDIS: "redis", pb.CACHE_STATUS_UNSPECIFIED: "unknown"}
+_RETRIABLE = {grpc.StatusCode.UNAVAILABLE}
+_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": "promptcast.v1.TextEncoder"},
+})
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    per_token: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a server says about one hosted model (`RemoteTextEncoder.models()`)."""
+
+    name: str
+    family: str
+    source: str
+    fingerprint: str
+    outputs: tuple[OutputInfo, ...]
+    default_max_sequence_length: int
+    max_max_sequence_length: int
+    max_prompts_per_call: int
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
+        outputs = tuple(OutputInfo(o.name, DTYPES[o.dtype], tuple(o.shape), o.per_token) for o in m.outputs)
+        return cls(m.name, m.family, m.source, m.fingerprint, outputs, m.default_max_sequence_length,
+                   m.max_max_sequence_length, m.max_prompts_per_call)
+
+    def output(self, name: str) -> OutputInfo | None:
+        return next((o for o in self.outputs if o.name == name), None)
+
+
+@dataclass
+class EncodeInfo:
+    """Per-call details from `encode(..., with_info=True)`."""
+
+    cache_status: list[str]
+    cache_keys: list[str]
+    bytes_received: int = 0
+    seconds: float = 0.0  # the whole call, as the client saw it
+    server_seconds: float = 0.0  # the server's part: queue + encode for misses, lookup for hits
+    target: str = ""
+    attempts: int = 1
+
+
+class RemoteTextEncoder:
+    r"""
+    Client of a promptcast encoder server.
+
+    Args:
+        target (`str`):
+            `host:port`, a comma list of them (tried in turn; a failed replica is skipped), or a gRPC
+            name such as `dns:///encoder.default.svc:50051` (balanced with `round_robin`).
+        token (`str`, *optional*):
+            Bearer token sent as `authorization` metadata. Defaults to `$PROMPTCAST_TOKEN`.
+        tls_ca (`str` or `os.PathLike`, *optional*):
+            PEM file of the CA that signed the server certificate. Enables TLS.
+        tls_cert (`str`, *optional*), tls_key (`str`, *optional*):
+            Client certificate and key (PEM) for servers that require mTLS.
+        timeout (`float`, *optional*, defaults to 60):
+            Deadline of every call, in seconds.
+        retries (`int`, *optional*, defaults to 4):
+            Attempts over all targets for calls that fail with `UNAVAILABLE`, with exponential backoff.
+
+    Example:
+    ```py
+    >>> enc = RemoteTextEncoder("localhost:50051")
+    >>> embeds = enc.encode(["a cat"], model="tiny-flux1")
+    >>> image = pipe(**embeds, num_inference_steps=4).images[0]
+    ```
+    """
+
+    def __init__(self, target: str, *, token: str | None = None, tls_ca: str | os.PathLike | None = None,
+                 tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
+                 timeout: float = 60.0, retries: int = 4, backoff: float = 0.2):
+        self.targets = _split_targets(target)
+        self.timeout = timeout
+        self.retries = max(1, retries)
+        self.backoff = backoff
+        token = token if token is not None else os.environ.get("PROMPTCAST_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        credentials = None
+        if tls_ca or tls_cert:
+            read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+            credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+        options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+        self._channels = [grpc.secure_channel(t, credentials, options) if credentials
+                          else grpc.insecure_channel(t, options) for t in self.targets]
+        self._stubs = [pb_grpc.TextEncoderStub(c) for c in self._channels]
+        self._next = 0
+        self._models: dict[str, ModelInfo] | None = None
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def models(self) -> list[ModelInfo]:
+        """The models the server hosts, with their output names, dtypes and per-prompt shapes."""
+        response = self._call(lambda stub: stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout,
+                                                           metadata=self._metadata))[0]
+        self._models = {m.name: ModelInfo.from_pb(m) for m in response.models}
+        return list(self._models.values())
+
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        """Info of `model`, or of the server's only model."""
+        models = {m.name: m for m in self.models()} if self._models is None else self._models
+        if model is None:
+            if len(models) != 1:
+                raise errors.InvalidArgument(f"the server hosts {sorted(models)}: pass model=")
+            return next(iter(models.values()))
+        if model not in models:
+            raise errors.ModelNotFound(f"model {model!r} is not hosted by {self.target}; hosted: {sorted(models)}")
+        return models[model]
+
+    @property
+    def target(self) -> str:
+        return ",".join(self.targets)
+
+    def encode(self, prompt: str | list[str], model: str | None = None, *, prompt_2: str | list[str] | None = None,
+               max_sequence_length: int | None = None, with_info: bool = False):
+        r"""
+        Encode prompts on the server.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt or prompts.
+            model (`str`, *optional*): the hosted model's name; may be omitted when the server hosts one.
+            prompt_2 (`str` or `list[str]`, *optional*): FLUX.1's T5 prompt(s); defaults to `prompt`.
+            max_sequence_length (`int`, *optional*): defaults to the model's default (FLUX.1-dev: 512).
+            with_info (`bool`, *optional*): also return an [`EncodeInfo`] (cache status per prompt...).
+
+        Returns:
+            `dict[str, torch.Tensor]`: CPU tensors keyed by the diffusers call's argument names
+            (`prompt_embeds`, `pooled_prompt_embeds`...), in the dtype diffusers produces on the server;
+            `(embeddings, info)` with `with_info=True`.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
+        if prompts_2 is not None and len(prompts_2) != len(prompts):
+            raise errors.InvalidArgument(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}")
+        request = pb.EncodeRequest(model=model or "", prompts=prompts, prompts_2=prompts_2 or [],
+                                   max_sequence_length=max_sequence_length or 0)
+        started = time.perf_counter()
+        (tensors, headers, received), target, attempts = self._call(lambda stub: self._stream(stub, request, len(prompts)))
+        if not with_info:
+            return tensors
+        info = EncodeInfo([CACHE_STATUS_NAMES[h.cache_status] for h in headers], [h.cache_key for h in headers],
+                          received, time.perf_counter() - started, max(h.server_seconds for h in headers),
+                          target, attempts)
+        return tensors, info
+
+    def _stream(self, stub, request, num_prompts):
+        assembler = EmbeddingAssembler(num_prompts)
+        received = 0
+        for message in stub.Encode(request, timeout=self.timeout, metadata=self._metadata):
+            received += message.ByteSize()
+            assembler.feed(message)
+        return assembler.result(), assembler.headers, received
+
+    def _call(self, fn):
+        """Run `fn(stub)`, moving to the next target on UNAVAILABLE (a dead replica, a cut stream)."""
+        last: grpc.RpcError | None = None
+        for attempt in range(self.retries * len(self._stubs)):
+            index = (self._next + attempt) % len(self._stubs)
+            try:
+                result = fn(self._stubs[index])
+                self._next = index
+                return result, self.targets[index], attempt + 1
+            except grpc.RpcError as e:
+                if e.code() not in _RETRIABLE:
+                    raise errors.from_rpc_error(e, self.targets[index]) from None
+                last = e
+            except _WirePayloadError as e:
+                raise errors.PayloadError(f"bad embedding stream from {self.targets[index]}: {e}") from None
+            if (attempt + 1) % len(self._stubs) == 0:  # every target failed this round: back off
+                time.sleep(self.backoff * 2 ** (attempt // len(self._stubs)) * (0.5 + random.random()))
+        raise errors.ServerUnavailable(
+            f"no encoder server answered at {self.target} after {self.retries} rounds of retries "
+            f"(last error: {last.details() if last else 'none'}); is `promptcast serve` running there?",
+            grpc.StatusCode.UNAVAILABLE) from None
+
+
+def _split_targets(target: str) -> list[str]:
+    if "://" in target or target.startswith(("dns:", "unix:", "ipv4:", "ipv6:")):
+        return [target]
+    targets = [t.strip() for t in target.split(",") if t.strip()]
+    if not targets:
+        raise errors.InvalidArgument("the encoder target is empty: pass host:port")
+    return targets

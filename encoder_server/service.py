@@ -1,0 +1,186 @@
+"""The encoder server's domain: validate a request, answer from the cache, batch the misses.
+
+Nothing here knows about protobuf; the servicer converts at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from encoder_server.batcher import DynamicBatcher
+from encoder_server.cache import EmbeddingCache, Tensors
+from encoder_server.errors import InvalidInput, ModelNotReady, NotFound
+from encoder_server.families import Encoder
+from shared.cache_keys import embedding_key
+
+logger = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "a warm-up prompt"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompts_per_call: int = 64
+    max_prompt_chars: int = 20_000
+
+
+@dataclass
+class Embedding:
+    key: str
+    cache_status: str  # "miss", "memory", "disk", "redis"
+    tensors: Tensors
+    seconds: float = 0.0  # server time: queue + encode for a miss, lookup for a hit
+
+
+class EmbeddingService:
+    """Hosts encoders by name and turns encode requests into embeddings."""
+
+    def __init__(self, cache: EmbeddingCache | None = None, limits: Limits = Limits(),
+                 batcher_options: dict | None = None, metrics=None):
+        self.cache = cache or EmbeddingCache([])
+        self.limits = limits
+        self.metrics = metrics
+        self.batcher_options = batcher_options or {}
+        self.encoders: dict[str, Encoder] = {}
+        self.batchers: dict[str, DynamicBatcher] = {}
+        self.ready = False
+        self.draining = False
+        self._in_flight: dict[str, asyncio.Future] = {}
+
+    def add(self, encoder: Encoder) -> None:
+        if encoder.name in self.encoders:
+            raise ValueError(f"two --model entries are named {encoder.name!r}; use NAME=SRC to tell them apart")
+        on_batch = self.metrics.observe_batch if self.metrics is not None else None
+        self.encoders[encoder.name] = encoder
+        self.batchers[encoder.name] = DynamicBatcher(encoder, **self.batcher_options, on_batch=on_batch)
+
+    async def start(self) -> None:
+        """Start the batchers and run one warm-up encode per model; then the service is ready."""
+        for batcher in self.batchers.values():
+            batcher.start()
+        for name, encoder in self.encoders.items():
+            started = time.perf_counter()
+            await asyncio.to_thread(self.batchers[name].run_sync, [WARMUP_PROMPT], None,
+                                    encoder.default_max_sequence_length)
+            logger.info("model %r warm (%.2fs)", name, time.perf_counter() - started)
+        self.ready = True
+
+    async def close(self) -> None:
+        for batcher in self.batchers.values():
+            await batcher.close()
+
+    def model(self, name: str | None) -> Encoder:
+        if not name:
+            if len(self.encoders) == 1:
+                return next(iter(self.encoders.values()))
+            raise InvalidInput(f"this server hosts several models ({', '.join(self.encoders)}): name one")
+        if name not in self.encoders:
+            raise NotFound(f"model {name!r} is not hosted here; hosted: {', '.join(self.encoders)}")
+        return self.encoders[name]
+
+    def validate(self, encoder: Encoder, prompts: list[str], prompts_2: list[str] | None,
+                 max_sequence_length: int) -> None:
+        if not prompts:
+            raise InvalidInput("prompts is empty: send at least one prompt")
+        if len(prompts) > self.limits.max_prompts_per_call:
+            raise InvalidInput(f"{len(prompts)} prompts in one call is over {self.limits.max_prompts_per_call}, "
+                               "the limit per call (--max-prompts-per-call); split the request")
+        if prompts_2 is not None and len(prompts_2) != len(prompts):
+            raise InvalidInput(f"prompts_2 has {len(prompts_2)} entries but prompts has {len(prompts)}; "
+                               "send one prompt_2 per prompt or none")
+        for i, text in enumerate(prompts + (prompts_2 or [])):
+            if len(text) > self.limits.max_prompt_chars:
+                raise InvalidInput(f"prompt {i % len(prompts)} has {len(text)} characters, over "
+                                   f"{self.limits.max_prompt_chars}, the limit (--max-prompt-chars)")
+        if not 1 <= max_sequence_length <= encoder.max_sequence_length_limit:
+            raise InvalidInput(f"max_sequence_length={max_sequence_length} is over "
+                               f"{encoder.max_sequence_length_limit}, the limit of model {encoder.name!r}"
+                               if max_sequence_length > 0 else
+                               f"max_sequence_length={max_sequence_length} must be at least 1")
+
+    async def encode(self, model: str | None, prompts: list[str], prompts_2: list[str] | None = None,
+                     max_sequence_length: int = 0, deadline: float | None = None) -> list[Embedding]:
+        """Embeddings for every prompt, in order; identical work is shared, not repeated."""
+        if self.draining:
+            raise ModelNotReady("the server is shutting down; retry on another replica")
+        if not self.ready:
+            raise ModelNotReady("the server is still loading and warming its models; retry shortly")
+        encoder = self.model(model)
+        max_sequence_length = max_sequence_length or encoder.default_max_sequence_length
+        self.validate(encoder, prompts, prompts_2, max_sequence_length)
+        keys = [embedding_key(encoder.fingerprint, max_sequence_length, p, None if prompts_2 is None else prompts_2[i])
+                for i, p in enumerate(prompts)]
+        results: dict[str, Embedding] = {}
+        for key in dict.fromkeys(keys):
+            started = time.perf_counter()
+            hit = await self._lookup(key)
+            if hit is not None:
+                results[key] = Embedding(key, hit[1], hit[0], time.perf_counter() - started)
+        waiting: dict[str, asyncio.Future] = {}
+        todo = [i for i, key in enumerate(keys) if key not in results and keys.index(key) == i]
+        mine = [i for i in todo if keys[i] not in self._in_flight]
+        waiting.update({keys[i]: self._in_flight[keys[i]] for i in todo if keys[i] in self._in_flight})
+        if mine:
+            await self._encode_misses(encoder, [keys[i] for i in mine], [prompts[i] for i in mine],
+                                      None if prompts_2 is None else [prompts_2[i] for i in mine],
+                                      max_sequence_length, deadline, waiting)
+        for key, future in waiting.items():
+            results[key] = await asyncio.shield(future)
+        return [results[key] for key in keys]
+
+    async def _lookup(self, key: str):
+        if not self.cache.tiers:
+            return None
+        return await asyncio.to_thread(self.cache.get, key)
+
+    async def _encode_misses(self, encoder, keys, prompts, prompts_2, max_sequence_length, deadline, waiting):
+        loop = asyncio.get_running_loop()
+        shared = {key: loop.create_future() for key in keys}
+        self._in_flight.update(shared)
+        job = None
+        started = time.perf_counter()
+        try:
+            job = self.batchers[encoder.name].submit(prompts, prompts_2, max_sequence_length, deadline)
+            rows = await job.future
+            seconds = time.perf_counter() - started
+            for i, key in enumerate(keys):
+                embedding = Embedding(key, "miss", {name: t[i] for name, t in rows.items()}, seconds)
+                shared[key].set_result(embedding)
+                waiting[key] = shared[key]
+            if self.cache.tiers:
+                await asyncio.to_thread(self._store, [waiting[k].result() for k in keys])
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError) and job is not None:
+                job.waiters -= 1  # the batcher drops it before GPU work
+            for future in shared.values():
+                if not future.done():
+                    future.set_exception(e if isinstance(e, Exception) else ModelNotReady("request cancelled"))
+                    future.exception()  # mark retrieved: other waiters may not exist
+            raise
+        finally:
+            for key in keys:
+                self._in_flight.pop(key, None)
+
+    def _store(self, embeddings: list[Embedding]) -> None:
+        for embedding in embeddings:
+            self.cache.put(embedding.key, embedding.tensors)
+
+
+def describe(encoder: Encoder) -> dict:
+    """Model info as plain data (the servicer turns it into protobuf)."""
+    return {
+        "name": encoder.name, "family": encoder.family, "source": encoder.source.source,
+        "fingerprint": encoder.fingerprint, "outputs": encoder.outputs,
+        "default_max_sequence_length": encoder.default_max_sequence_length,
+        "max_max_sequence_length": encoder.max_sequence_length_limit,
+    }
+
+
+def deadline_from(time_remaining: float | None) -> float | None:
+    return None if time_remaining is None else time.monotonic() + time_remaining
+
+
+__all__ = ["EmbeddingService", "Embedding", "Limits", "describe", "deadline_from"]

@@ -1,0 +1,171 @@
+"""Tensors on the wire: raw little-endian bytes + dtype + shape + checksum. No pickle, ever.
+
+The sender describes each tensor with a `TensorSpec` and streams its bytes in chunks of at most
+`CHUNK_BYTES`. The receiver validates every spec *before* allocating (a header that claims a size
+its shape and dtype do not give is rejected), preallocates one tensor per output for the whole
+request, writes each chunk straight into it and checks the CRC when a prompt's bytes are complete.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from shared.promptcast.v1 import encoder_pb2 as pb
+
+CHUNK_BYTES = 1 << 20
+# Hard ceiling for one prompt's tensor, far above FLUX.2-dev's 15 MiB, so a hostile header
+# cannot make a client allocate gigabytes.
+MAX_TENSOR_BYTES = 256 << 20
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("promptcast's wire format is little-endian; this host is big-endian")
+
+
+class PayloadError(ValueError):
+    """A tensor header or payload that does not describe itself consistently."""
+
+
+def checksum(data) -> str:
+    return f"crc32:{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor."""
+    tensor = tensor.detach().contiguous()
+    if tensor.device.type != "cpu":
+        raise ValueError("tensor_bytes needs a CPU tensor")
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+def tensor_spec(name: str, tensor: torch.Tensor, data: memoryview | None = None) -> pb.TensorSpec:
+    data = tensor_bytes(tensor) if data is None else data
+    return pb.TensorSpec(name=name, dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape),
+                         byte_length=data.nbytes, checksum=checksum(data))
+
+
+def iter_chunks(buffers: Sequence[memoryview], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Split each buffer into pieces of at most `chunk_bytes` (one copy into the message)."""
+    for data in buffers:
+        for start in range(0, data.nbytes, chunk_bytes):
+            yield bytes(data[start:start + chunk_bytes])
+
+
+def encode_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor],
+                     server_seconds: float = 0.0, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.EncodeResponse]:
+    """The messages for one prompt: its header, then its bytes."""
+    buffers = {name: tensor_bytes(t) for name, t in tensors.items()}
+    specs = [tensor_spec(name, tensors[name], buffers[name]) for name in tensors]
+    yield pb.EncodeResponse(header=pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status,
+                                                      tensors=specs, server_seconds=server_seconds))
+    for chunk in iter_chunks(list(buffers.values()), chunk_bytes):
+        yield pb.EncodeResponse(chunk=chunk)
+
+
+def validate_spec(spec: pb.TensorSpec, max_bytes: int = MAX_TENSOR_BYTES) -> torch.dtype:
+    """Check that a spec is self-consistent and sane; return its torch dtype. Allocates nothing."""
+    if spec.dtype not in DTYPES:
+        raise PayloadError(f"tensor {spec.name!r}: unknown dtype {spec.dtype!r} (expected one of {sorted(DTYPES)})")
+    if any(d < 0 for d in spec.shape):
+        raise PayloadError(f"tensor {spec.name!r}: negative dimension in shape {list(spec.shape)}")
+    dtype = DTYPES[spec.dtype]
+    expected = math.prod(spec.shape) * dtype.itemsize
+    if spec.byte_length != expected:
+        raise PayloadError(f"tensor {spec.name!r}: header claims {spec.byte_length} bytes but shape "
+                           f"{list(spec.shape)} of {spec.dtype} needs {expected}")
+    if expected > max_bytes:
+        raise PayloadError(f"tensor {spec.name!r}: {expected} bytes is over the {max_bytes}-byte limit")
+    return dtype
+
+
+class EmbeddingAssembler:
+    """Reassembles an `Encode` stream into one preallocated tensor per output.
+
+    Feed it every `EncodeResponse` in order; `result()` returns `{name: tensor (B, *shape)}`.
+    Chunks are copied once, from the message straight into their final place.
+    """
+
+    def __init__(self, num_prompts: int, max_bytes: int = MAX_TENSOR_BYTES):
+        self.num_prompts = num_prompts
+        self.max_bytes = max_bytes
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.headers: list[pb.EmbeddingHeader | None] = [None] * num_prompts
+        self._targets: list[tuple[pb.TensorSpec, memoryview]] = []
+        self._target = 0
+        self._offset = 0
+        self._current: pb.EmbeddingHeader | None = None
+
+    def feed(self, message: pb.EncodeResponse) -> None:
+        kind = message.WhichOneof("payload")
+        if kind == "header":
+            self._start(message.header)
+        elif kind == "chunk":
+            self._write(message.chunk)
+        else:
+            raise PayloadError("empty message in the embedding stream")
+
+    def _start(self, header: pb.EmbeddingHeader) -> None:
+        self._finish_current()
+        if header.index >= self.num_prompts or self.headers[header.index] is not None:
+            raise PayloadError(f"unexpected header for prompt index {header.index}")
+        if not self.tensors:
+            for spec in header.tensors:
+                dtype = validate_spec(spec, self.max_bytes)
+                self.tensors[spec.name] = torch.empty((self.num_prompts, *spec.shape), dtype=dtype)
+        for spec in header.tensors:
+            validate_spec(spec, self.max_bytes)
+        if [(s.name, s.dtype, list(s.shape)) for s in header.tensors] != [
+            (name, DTYPE_NAMES[t.dtype], list(t.shape[1:])) for name, t in self.tensors.items()
+        ]:
+            raise PayloadError(f"prompt {header.index}: tensor specs differ from the first prompt's")
+        self._current = header
+        self._targets = [(spec, tensor_bytes(self.tensors[spec.name][header.index])) for spec in header.tensors]
+        self._target, self._offset = 0, 0
+        self._skip_empty_targets()
+
+    def _skip_empty_targets(self) -> None:
+        while self._target < len(self._targets) and self._offset == self._targets[self._target][1].nbytes:
+            self._verify(*self._targets[self._target])
+            self._target, self._offset = self._target + 1, 0
+
+    def _write(self, chunk: bytes) -> None:
+        if self._current is None or self._target >= len(self._targets):
+            raise PayloadError("received more bytes than the header announced")
+        spec, view = self._targets[self._target]
+        end = self._offset + len(chunk)
+        if end > view.nbytes:
+            raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: chunk overruns "
+                               f"its {view.nbytes} bytes")
+        view[self._offset:end] = chunk
+        self._offset = end
+        self._skip_empty_targets()
+
+    def _verify(self, spec: pb.TensorSpec, view: memoryview) -> None:
+        if checksum(view) != spec.checksum:
+            raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: checksum mismatch "
+                               f"(got {checksum(view)}, header says {spec.checksum})")
+
+    def _finish_current(self) -> None:
+        if self._current is not None:
+            if self._target < len(self._targets):
+                raise PayloadError(f"prompt {self._current.index}: stream moved on before its bytes were complete")
+            self.headers[self._current.index] = self._current
+            self._current = None
+
+    def result(self) -> dict[str, torch.Tensor]:
+        self._finish_current()
+        missing = [i for i, h in enumerate(self.headers) if h is None]
+        if missing:
+            raise PayloadError(f"stream ended before prompts {missing} arrived")
+        return self.tensors

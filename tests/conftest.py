@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny models built once per session, real servers on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig, health_status  # noqa: E402
+from shared.tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_flux1(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux1", "flux1")
+
+
+@pytest.fixture(scope="session")
+def flux1_server(tiny_flux1):
+    with BackgroundServer(ServerConfig([ModelSpec(str(tiny_flux1), name="tiny-flux1")], port=0)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(flux1_server):
+    from denoiser_client import RemoteTextEncoder
+
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as enc:
+        yield enc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_model(src, dst, drop=()):
+    """A copy of a model folder without some components (to prove they are never read)."""
+    shutil.copytree(src, dst)
+    for component in drop:
+        shutil.rmtree(dst / component)
+    return dst
+
+
+class ServerProcess:
+    """`promptcast serve` as a real subprocess on a free port."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+    def wait_serving(self, timeout: float = 120) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.proc.stdout.read()}")
+                try:
+                    if health_status(channel) == "SERVING":
+                        return self
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"server at {self.address} not SERVING after {timeout}s")
+
+    def stop(self, sig=None) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.proc.stdout.read() if self.proc.poll() is not None else ""
+
+
+@pytest.fixture
+def server_process():
+    started = []
+
+    def start(*args, env=None):
+        server = ServerProcess(list(args), env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def run_cli(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def no_grad_encode(pipe, *args, **kwargs):
+    """`encode_prompt` as diffusers' `__call__` runs it: under `torch.no_grad()` (grad mode picks
+    other attention kernels on CPU, so this is the reference the image actually uses)."""
+    with torch.no_grad():
+        return pipe.encode_prompt(*args, **kwargs)
