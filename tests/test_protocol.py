@@ -1,0 +1,110 @@
+"""The wire: stubs match the .proto, tensors travel as checked raw bytes in chunks of at most 1 MiB."""
+
+import filecmp
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared import protogen
+from shared.promptcast.v1 import encoder_pb2 as pb
+from shared.tensor_codec import CHUNK_BYTES, EmbeddingAssembler, PayloadError, encode_embedding
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    generated = protogen.generate(tmp_path)
+    assert generated, "protoc produced nothing"
+    for path in generated:
+        committed = ROOT / path.relative_to(tmp_path)
+        assert committed.exists(), f"{committed} is missing: run `python -m shared.protogen`"
+        assert filecmp.cmp(path, committed, shallow=False), f"{committed} is stale: run `python -m shared.protogen`"
+
+
+def _messages(tensors, index=0):
+    return list(encode_embedding(index, "k" * 64, pb.CACHE_STATUS_MISS, tensors))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_roundtrip_in_chunks_of_at_most_1_mib(dtype):
+    rows = [{"prompt_embeds": torch.randn(512, 4096).to(dtype), "pooled_prompt_embeds": torch.randn(768).to(dtype)}
+            for _ in range(2)]
+    assembler = EmbeddingAssembler(2)
+    for index, row in enumerate(rows):
+        messages = _messages(row, index)
+        chunks = [m.chunk for m in messages if m.WhichOneof("payload") == "chunk"]
+        assert max(len(c) for c in chunks) <= CHUNK_BYTES
+        assert sum(len(c) for c in chunks) == sum(t.numel() * t.element_size() for t in row.values())
+        for message in messages:
+            assembler.feed(message)
+    out = assembler.result()
+    assert torch.equal(out["prompt_embeds"], torch.stack([r["prompt_embeds"] for r in rows]))
+    assert torch.equal(out["pooled_prompt_embeds"], torch.stack([r["pooled_prompt_embeds"] for r in rows]))
+
+
+def test_header_claiming_wrong_size_is_rejected_before_allocating(monkeypatch):
+    header = pb.EncodeResponse(header=pb.EmbeddingHeader(index=0, tensors=[pb.TensorSpec(
+        name="prompt_embeds", dtype="bfloat16", shape=[512, 4096], byte_length=10, checksum="crc32:00000000")]))
+    allocations = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k))
+    with pytest.raises(PayloadError, match="claims 10 bytes"):
+        EmbeddingAssembler(1).feed(header)
+    assert allocations == []
+
+
+def test_header_claiming_a_huge_tensor_is_rejected():
+    shape = [1 << 20, 1 << 12]
+    spec = pb.TensorSpec(name="x", dtype="float32", shape=shape, byte_length=math.prod(shape) * 4)
+    with pytest.raises(PayloadError, match="over the"):
+        EmbeddingAssembler(1).feed(pb.EncodeResponse(header=pb.EmbeddingHeader(index=0, tensors=[spec])))
+
+
+def test_flipped_byte_fails_the_checksum():
+    messages = _messages({"prompt_embeds": torch.randn(4, 8)})
+    chunk = bytearray(messages[1].chunk)
+    chunk[5] ^= 0x01
+    messages[1] = pb.EncodeResponse(chunk=bytes(chunk))
+    assembler = EmbeddingAssembler(1)
+    with pytest.raises(PayloadError, match="checksum mismatch"):
+        for message in messages:
+            assembler.feed(message)
+
+
+def test_extra_or_missing_bytes_are_rejected():
+    messages = _messages({"prompt_embeds": torch.randn(4, 8)})
+    assembler = EmbeddingAssembler(1)
+    for message in messages:
+        assembler.feed(message)
+    with pytest.raises(PayloadError, match="more bytes"):
+        assembler.feed(pb.EncodeResponse(chunk=b"\0"))
+    short = EmbeddingAssembler(1)
+    short.feed(messages[0])
+    with pytest.raises(PayloadError, match="before prompts|before its bytes"):
+        short.result()
+
+
+def test_flux1_sized_embedding_crosses_default_grpc_limits(tiny_flux1, tmp_path):
+    """A real server, default receive limits on both sides, a 4 MiB+ bf16 (512, 4096) embedding."""
+    import shutil
+
+    from transformers import T5Config, T5EncoderModel
+
+    from denoiser_client import RemoteTextEncoder
+    from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
+
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_flux1, wide)
+    config = T5Config.from_pretrained(wide / "text_encoder_2")
+    config.d_model, config.num_layers, config.num_heads, config.d_kv, config.d_ff = 4096, 1, 2, 8, 16
+    torch.manual_seed(0)
+    T5EncoderModel(config).to(torch.bfloat16).save_pretrained(wide / "text_encoder_2")
+    with BackgroundServer(ServerConfig([ModelSpec(str(wide), name="wide")], port=0, dtype="bf16")) as server:
+        with RemoteTextEncoder(server.address) as client:
+            out, info = client.encode(["a fox", "a cat"], with_info=True)
+    assert out["prompt_embeds"].shape == (2, 512, 4096) and out["prompt_embeds"].dtype == torch.bfloat16
+    assert out["prompt_embeds"][0].numel() * 2 == 4 << 20
+    assert info.bytes_received > 2 * (4 << 20)
+    assert torch.isfinite(out["prompt_embeds"].float()).all()
