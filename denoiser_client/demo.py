@@ -11,11 +11,26 @@ def default_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptcast"
 
 
+def _quiet() -> None:
+    """The demo prints its own report: keep library logs and progress bars out of it."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    for name in ("encoder_server", "denoiser_client"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
 def run_demo(out: str = "promptcast-demo.png", prompt: str = "a red fox sitting in a snowy forest at dusk",
              family: str = "flux1", seed: int = 0, echo=print) -> Path:
     """Build (or reuse) a tiny model, serve its text encoders on a free local port, generate one
     image through gRPC on the denoiser side and report where the time and bytes went."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet()
     from denoiser_client.generate import GenerateOptions, generate
     from denoiser_client.remote import RemoteTextEncoder
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
@@ -28,7 +43,7 @@ def run_demo(out: str = "promptcast-demo.png", prompt: str = "a red fox sitting 
         echo(f"encoder server: {server.address} (text encoders only)")
         with RemoteTextEncoder(server.address, timeout=120) as encoder:
             path, t = generate(encoder, str(model_dir), prompt, out,
-                               options=GenerateOptions(seed=seed, steps=4, width=64, height=64))
+                               options=GenerateOptions(seed=seed, steps=4, width=64, height=64), progress=False)
     echo(f"image: {path.resolve()}")
     echo(f"encode {t.encode * 1000:.1f} ms | transfer {t.transfer * 1000:.1f} ms | denoise {t.denoise * 1000:.1f} ms"
          f" | decode {t.decode * 1000:.1f} ms | {t.wire_bytes:,} embedding bytes over gRPC"
