@@ -68,7 +68,7 @@ def save_atomically(image, out: str | os.PathLike) -> Path:
 
 def generate(encoder: RemoteTextEncoder, source: str, prompt: str, out: str | os.PathLike, *,
              encoder_model: str | None = None, options: GenerateOptions = GenerateOptions(), device: str = "cpu",
-             dtype=None, pipe=None) -> tuple[Path, Timings]:
+             dtype=None, pipe=None, progress: bool = True) -> tuple[Path, Timings]:
     """Generate one image through the split pipeline and save it; returns `(path, timings)`."""
     import torch
 
@@ -78,6 +78,7 @@ def generate(encoder: RemoteTextEncoder, source: str, prompt: str, out: str | os
     else:
         family = PIPELINE_FAMILIES[type(pipe).__name__]
     handshake(pipe, family, info)
+    pipe.set_progress_bar_config(disable=not progress)
     timings = Timings()
     embeddings = remote_embeddings(encoder, info.name, prompt, negative_prompt=options.negative_prompt,
                                    max_sequence_length=options.max_sequence_length, timings=timings)
