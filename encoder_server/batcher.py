@@ -6,7 +6,10 @@ padded tokens); each request gets exactly its own rows back. The queue is bounde
 `max_queue` waiting requests, `submit` raises `Overloaded` at once instead of growing memory.
 A request whose deadline has passed, or whose every waiter went away, is dropped before GPU work.
 A batch that runs out of GPU memory is split in halves and retried; only a request that cannot
-fit on its own fails, with `Overloaded`.
+fit on its own fails, with `Overloaded`. Rows with NaN or Inf fail their request (`EncodeFailed`).
+
+Every queue decision (accept, drop, merge) is made on the event loop's thread, so a request
+that joins a job and a worker that drops it never race; the worker thread only runs the model.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from encoder_server.errors import DeadlineExpired, EncodeFailed, Overloaded
+from encoder_server.errors import DeadlineExpired, EncodeFailed, ModelNotReady, Overloaded
 from encoder_server.families import Encoder
 
 logger = logging.getLogger(__name__)
@@ -28,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class EncodeJob:
+    """One request's prompts. Several clients may wait on it (identical prompts are encoded once):
+    `waiters` counts them and `deadline` is the latest of theirs (None: no deadline)."""
+
     prompts: list[str]
     prompts_2: list[str] | None
     max_sequence_length: int
@@ -36,18 +42,27 @@ class EncodeJob:
     waiters: int = 1
     enqueued_at: float = field(default_factory=time.monotonic)
 
+    def join(self, deadline: float | None) -> None:
+        self.waiters += 1
+        self.deadline = None if deadline is None or self.deadline is None else max(self.deadline, deadline)
+
+    def leave(self) -> None:
+        self.waiters -= 1
+
     @property
-    def dropped(self) -> bool:
-        return self.future.done() or self.waiters <= 0
+    def rows(self) -> int:
+        return len(self.prompts)
 
 
 @dataclass
 class BatchStats:
-    batches: int = 0
+    batches: int = 0  # forward passes asked for (before any OOM split)
     prompts: int = 0
-    encodes: int = 0  # forward passes, OOM retries included
+    encodes: int = 0  # forward passes run, OOM retries included
     oom_splits: int = 0
-    dropped: int = 0
+    dropped: int = 0  # jobs dropped before GPU work (deadline passed, every waiter gone)
+    max_batch_rows: int = 0
+    busy_seconds: float = 0.0  # time the worker spent encoding batches (utilization = its growth / wall time)
 
 
 class DynamicBatcher:
@@ -69,7 +84,8 @@ class DynamicBatcher:
 
     @property
     def queued(self) -> int:
-        return sum(not job.dropped for job in self._queue)
+        """Live requests waiting for the GPU (the one being encoded is not counted)."""
+        return sum(job.waiters > 0 for job in self._queue)
 
     def start(self) -> None:
         if self._task is None:
@@ -79,146 +95,200 @@ class DynamicBatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        while self._queue:
+            _fail(self._queue.popleft().future, ModelNotReady("the server is shutting down; retry on another replica"))
         self._executor.shutdown(wait=True)
 
     def submit(self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int,
                deadline: float | None = None) -> EncodeJob:
         """Queue a request; await `job.future` for `{name: (len(prompts), ...) CPU tensor}`."""
         if self.queued >= self.max_queue:
-            raise Overloaded(f"model {self.encoder.name!r} has {self.max_queue} requests queued (--max-queue); "
-                             "retry later or add replicas")
+            raise Overloaded(f"model {self.encoder.name!r} has {self.max_queue} requests queued, the limit "
+                             "(--max-queue); retry later or add replicas")
         job = EncodeJob(prompts, prompts_2, max_sequence_length, deadline, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._wakeup.set()
         return job
 
+    async def run_in_worker(self, fn, *args):
+        """Run `fn(*args)` on this model's worker thread (warm-up, compile), between batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     def run_sync(self, prompts, prompts_2, max_sequence_length) -> dict[str, torch.Tensor]:
-        """Encode outside the event loop (warm-up, tests)."""
+        """Encode outside the queue (warm-up, tests)."""
         return _to_cpu(self.encoder.encode(prompts, prompts_2, max_sequence_length))
+
+    def max_rows(self, max_sequence_length: int) -> int:
+        """Most prompts one merged batch holds at this length (a single larger request still runs alone)."""
+        return max(min(self.max_batch_size, self.max_batch_tokens // max_sequence_length), 1)
+
+    async def warm_up(self, prompt: str) -> None:
+        """Encode `prompt` once at the default length; with `--compile` at every batch size that makes it compile (1,
+        2 and the largest batch), with `--cuda-graphs` at every batch bucket, so no client waits for a compilation or
+        a capture."""
+        from encoder_server.acceleration import warm_up_batch_sizes
+
+        length = self.encoder.default_max_sequence_length
+        graphs, compiled = getattr(self.encoder, "cuda_graphs", False), getattr(self.encoder, "compile", False)
+        sizes = warm_up_batch_sizes(self.max_rows(length), graphs) if graphs or compiled else [1]
+        for size in sizes:
+            started = time.perf_counter()
+            await self.run_in_worker(self.run_sync, [prompt] * size, None, length)
+            logger.info("model %r warm at batch %d (%.2fs)", self.encoder.name, size, time.perf_counter() - started)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        running = None  # the worker's current batch: a future of [(job, rows or error)]
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._queue:
-                batch = await self._collect()
-                if batch:
-                    await loop.run_in_executor(self._executor, self._execute, batch, loop)
-
-    async def _collect(self) -> list[EncodeJob]:
-        """Take the oldest live job and every compatible one that arrives within max_wait."""
-        while self._queue and self._queue[0].dropped:
-            self._queue.popleft()
-            self.stats.dropped += 1
-        if not self._queue:
-            return []
-        first = self._queue[0]
-        close_at = first.enqueued_at + self.max_wait
-        while True:
-            batch, rows, skipped = [], 0, deque()
-            while self._queue:
-                job = self._queue.popleft()
-                if job.dropped:
-                    self.stats.dropped += 1
-                    continue
-                fits = (job.max_sequence_length == first.max_sequence_length
-                        and rows + len(job.prompts) <= max(self.max_batch_size, len(first.prompts))
-                        and (rows + len(job.prompts)) * job.max_sequence_length <= max(
-                            self.max_batch_tokens, len(first.prompts) * first.max_sequence_length))
-                if fits and (job.prompts_2 is None) == (first.prompts_2 is None):
-                    batch.append(job)
-                    rows += len(job.prompts)
+            if running is None:
+                running = loop.run_in_executor(self._executor, self._execute, await self._next_batch())
+            outcomes = await running
+            # Start the next batch before handing these results out: serializing and sending them keeps the event
+            # loop busy for a while (4 MiB a FLUX.1 prompt), and the GPU should not wait for that.
+            batch = self._ready_batch()
+            running = None if batch is None else loop.run_in_executor(self._executor, self._execute, batch)
+            for job, outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    _fail(job.future, outcome)
                 else:
-                    skipped.append(job)
-            self._queue.extendleft(reversed(skipped))
-            remaining = close_at - time.monotonic()
-            if rows >= self.max_batch_size or remaining <= 0:
-                return batch
-            # Put them back in order and wait a little for company.
-            self._queue.extendleft(reversed(batch))
+                    _succeed(job.future, outcome)
+
+    async def _next_batch(self) -> list[EncodeJob]:
+        while (batch := self._ready_batch()) is None:
+            timeout = self._queue[0].enqueued_at + self.max_wait - time.monotonic() if self._queue else None
+            self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-                self._wakeup.clear()
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
+        return batch
 
-    def _execute(self, batch: list[EncodeJob], loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: drop expired jobs, encode the rest, hand each its rows."""
+    def _ready_batch(self) -> list[EncodeJob] | None:
+        """The oldest live job and every compatible one, once the batch is full or the oldest has waited
+        `max_wait` (time spent behind a busy GPU counts, so a backlog is taken at once); else None."""
+        self._drop_dead()
+        if not self._queue:
+            return None
+        first = self._queue[0]
+        batch, full = self._compatible(first)
+        if not full and time.monotonic() < first.enqueued_at + self.max_wait:
+            return None
+        taken = set(map(id, batch))
+        self._queue = deque(job for job in self._queue if id(job) not in taken)
+        return batch
+
+    def _compatible(self, first: EncodeJob) -> tuple[list[EncodeJob], bool]:
+        """Jobs batchable with `first` (same length, same prompts_2-ness) within the bounds; and
+        whether the batch is full. A single request over the bounds still runs, alone."""
+        length = first.max_sequence_length
+        max_rows = max(self.max_rows(length), first.rows)
+        batch, rows, full = [], 0, False
+        for job in self._queue:
+            if job.max_sequence_length != length or (job.prompts_2 is None) != (first.prompts_2 is None):
+                continue
+            if rows + job.rows > max_rows:
+                full = True
+                continue
+            batch.append(job)
+            rows += job.rows
+        return batch, full or rows >= max_rows
+
+    def _drop_dead(self) -> None:
         now = time.monotonic()
-        live = []
-        for job in batch:
-            if job.dropped:
-                self.stats.dropped += 1
+        live = deque()
+        for job in self._queue:
+            if job.waiters <= 0:
+                _fail(job.future, ModelNotReady("every client of this request went away; it was dropped"))
             elif job.deadline is not None and now >= job.deadline:
-                self.stats.dropped += 1
-                loop.call_soon_threadsafe(_fail, job.future, DeadlineExpired(
+                _fail(job.future, DeadlineExpired(
                     "the request's deadline passed while it waited in the queue; it was dropped before GPU work"))
             else:
                 live.append(job)
-        if not live:
-            return
-        queue_seconds = max(now - job.enqueued_at for job in live)
-        started = time.perf_counter()
-        self._encode_split(live, loop)
-        self.stats.batches += 1
-        self.stats.prompts += sum(len(job.prompts) for job in live)
-        if self.on_batch is not None:
-            self.on_batch(sum(len(job.prompts) for job in live), queue_seconds, time.perf_counter() - started)
+                continue
+            self.stats.dropped += 1
+        self._queue = live
 
-    def _encode_split(self, jobs: list[EncodeJob], loop) -> None:
+    def _execute(self, batch: list[EncodeJob]) -> list[tuple[EncodeJob, dict | Exception]]:
+        """Worker thread: encode the batch; each job's rows or error (the event loop hands them out)."""
+        queue_seconds = time.monotonic() - min(job.enqueued_at for job in batch)
+        rows = sum(job.rows for job in batch)
+        started = time.perf_counter()
+        self.stats.batches += 1
+        self.stats.prompts += rows
+        self.stats.max_batch_rows = max(self.stats.max_batch_rows, rows)
+        outcomes = list(self._encode_jobs(batch))
+        seconds = time.perf_counter() - started
+        self.stats.busy_seconds += seconds
+        if self.on_batch is not None:
+            self.on_batch(rows, queue_seconds, seconds)
+        return outcomes
+
+    def _encode_jobs(self, jobs: list[EncodeJob]):
+        """Yield (job, rows or error). On OOM: halve the jobs; a lone job is encoded in halves of
+        its prompts; a lone prompt that still does not fit fails with `Overloaded`."""
         prompts = [p for job in jobs for p in job.prompts]
         prompts_2 = None if jobs[0].prompts_2 is None else [p for job in jobs for p in job.prompts_2]
         try:
-            self.stats.encodes += 1
-            out = _to_cpu(self.encoder.encode(prompts, prompts_2, jobs[0].max_sequence_length))
+            out, finite = self._encode_rows(prompts, prompts_2, jobs[0].max_sequence_length)
         except torch.OutOfMemoryError:
+            out = None  # retried outside the handler: its traceback pins the failed batch's activations
+        except Exception as e:  # noqa: BLE001 - every job of the batch must learn what happened
+            logger.exception("encode failed on model %r", self.encoder.name)
+            error = EncodeFailed(f"encode failed on model {self.encoder.name!r}: {type(e).__name__}: {e}")
+            yield from ((job, error) for job in jobs)
+            return
+        if out is None:
             _empty_cache(self.encoder.device)
             self.stats.oom_splits += 1
             if len(jobs) > 1:
-                logger.warning("out of memory on a batch of %d requests; splitting it", len(jobs))
-                half = len(jobs) // 2
-                self._encode_split(jobs[:half], loop)
-                self._encode_split(jobs[half:], loop)
+                logger.warning("out of memory on a batch of %d requests (%d prompts); splitting it",
+                               len(jobs), len(prompts))
+                yield from self._encode_jobs(jobs[:len(jobs) // 2])
+                yield from self._encode_jobs(jobs[len(jobs) // 2:])
             elif len(prompts) > 1:
-                logger.warning("out of memory on %d prompts of one request; encoding them in halves", len(prompts))
-                self._encode_split_request(jobs[0], loop)
+                logger.warning("out of memory on one request of %d prompts; encoding it in halves", len(prompts))
+                yield jobs[0], self._encode_halves(jobs[0])
             else:
-                loop.call_soon_threadsafe(_fail, jobs[0].future, Overloaded(
-                    f"one prompt of max_sequence_length={jobs[0].max_sequence_length} does not fit in "
-                    f"{self.encoder.device} memory on model {self.encoder.name!r}"))
-            return
-        except Exception as e:  # noqa: BLE001 - every job of the batch must learn what happened
-            logger.exception("encode failed on model %r", self.encoder.name)
-            for job in jobs:
-                loop.call_soon_threadsafe(_fail, job.future, EncodeFailed(f"encode failed: {type(e).__name__}: {e}"))
+                yield jobs[0], self._too_large(jobs[0])
             return
         start = 0
         for job in jobs:
-            rows = {name: t[start:start + len(job.prompts)] for name, t in out.items()}
-            start += len(job.prompts)
-            bad = [name for name, t in rows.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            end = start + job.rows
+            rows = {name: t[start:end] for name, t in out.items()}
+            bad = [name for name, ok in finite.items() if not bool(ok[start:end].all())]
+            start = end
             if bad:
                 logger.error("model %r produced NaN/Inf in %s; not sent, not cached", self.encoder.name, bad)
-                loop.call_soon_threadsafe(_fail, job.future, EncodeFailed(
+                yield job, EncodeFailed(
                     f"model {self.encoder.name!r} produced NaN or Inf in {', '.join(bad)}; refusing to send or cache "
-                    "it (check the server's --dtype: fp16 overflows in T5)"))
+                    "it (with --dtype fp16 T5 overflows: use bf16 or fp32)")
             else:
-                loop.call_soon_threadsafe(_succeed, job.future, rows)
+                yield job, rows
 
-    def _encode_split_request(self, job: EncodeJob, loop) -> None:
-        """Encode one request's prompts in two halves after an OOM and join the rows."""
-        half = len(job.prompts) // 2
+    def _encode_halves(self, job: EncodeJob):
+        half = job.rows // 2
         parts = []
-        for lo, hi in ((0, half), (half, len(job.prompts))):
+        for lo, hi in ((0, half), (half, job.rows)):
             sub = EncodeJob(job.prompts[lo:hi], None if job.prompts_2 is None else job.prompts_2[lo:hi],
-                            job.max_sequence_length, job.deadline, _SyncFuture())
-            self._encode_split([sub], _ImmediateLoop())
-            if sub.future.error is not None:
-                loop.call_soon_threadsafe(_fail, job.future, sub.future.error)
-                return
-            parts.append(sub.future.value)
-        loop.call_soon_threadsafe(_succeed, job.future, {n: torch.cat([p[n] for p in parts]) for n in parts[0]})
+                            job.max_sequence_length, job.deadline, job.future)
+            [(_, outcome)] = self._encode_jobs([sub])
+            if isinstance(outcome, Exception):
+                return outcome
+            parts.append(outcome)
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+    def _too_large(self, job: EncodeJob) -> Overloaded:
+        return Overloaded(f"one prompt at max_sequence_length={job.max_sequence_length} does not fit in "
+                          f"{self.encoder.device} memory on model {self.encoder.name!r}; send a shorter "
+                          "max_sequence_length or use a server with more memory")
+
+    def _encode_rows(self, prompts, prompts_2, max_sequence_length):
+        """One forward pass; CPU tensors and, per float output, which rows are all finite (checked
+        on the device, so the CPU never scans the bytes)."""
+        self.stats.encodes += 1
+        out = self.encoder.encode(prompts, prompts_2, max_sequence_length)
+        finite = {name: torch.isfinite(t).flatten(1).all(1).cpu() for name, t in out.items() if t.is_floating_point()}
+        return _to_cpu(out), finite
 
 
 def _to_cpu(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -238,25 +308,3 @@ def _succeed(future: asyncio.Future, value) -> None:
 def _fail(future: asyncio.Future, error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
-
-
-class _SyncFuture:
-    """Just enough of a future for the OOM half-split, which runs inside the worker thread."""
-
-    def __init__(self):
-        self.value, self.error = None, None
-
-    def done(self) -> bool:
-        return self.value is not None or self.error is not None
-
-    def set_result(self, value) -> None:
-        self.value = value
-
-    def set_exception(self, error) -> None:
-        self.error = error
-
-
-class _ImmediateLoop:
-    @staticmethod
-    def call_soon_threadsafe(callback, *args) -> None:
-        callback(*args)

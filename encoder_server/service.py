@@ -10,9 +10,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from encoder_server.batcher import DynamicBatcher
+from encoder_server.batcher import DynamicBatcher, EncodeJob
 from encoder_server.cache import EmbeddingCache, Tensors
-from encoder_server.errors import InvalidInput, ModelNotReady, NotFound
+from encoder_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, NotFound
 from encoder_server.families import Encoder
 from shared.cache_keys import embedding_key
 
@@ -48,7 +48,8 @@ class EmbeddingService:
         self.batchers: dict[str, DynamicBatcher] = {}
         self.ready = False
         self.draining = False
-        self._in_flight: dict[str, asyncio.Future] = {}
+        self._in_flight: dict[str, tuple[asyncio.Future, EncodeJob]] = {}  # cache key -> (result, job)
+        self._publishing: set[asyncio.Task] = set()
 
     def add(self, encoder: Encoder) -> None:
         if encoder.name in self.encoders:
@@ -63,8 +64,7 @@ class EmbeddingService:
             batcher.start()
         for name, encoder in self.encoders.items():
             started = time.perf_counter()
-            await asyncio.to_thread(self.batchers[name].run_sync, [WARMUP_PROMPT], None,
-                                    encoder.default_max_sequence_length)
+            await self.batchers[name].warm_up(WARMUP_PROMPT)
             logger.info("model %r warm (%.2fs)", name, time.perf_counter() - started)
         self.ready = True
 
@@ -88,6 +88,9 @@ class EmbeddingService:
         if len(prompts) > self.limits.max_prompts_per_call:
             raise InvalidInput(f"{len(prompts)} prompts in one call is over {self.limits.max_prompts_per_call}, "
                                "the limit per call (--max-prompts-per-call); split the request")
+        if prompts_2 is not None and not encoder.takes_prompt_2:
+            raise InvalidInput(f"prompts_2 was given, but model {encoder.name!r} ({encoder.family}) has one text "
+                               "encoder: send prompts only")
         if prompts_2 is not None and len(prompts_2) != len(prompts):
             raise InvalidInput(f"prompts_2 has {len(prompts_2)} entries but prompts has {len(prompts)}; "
                                "send one prompt_2 per prompt or none")
@@ -119,16 +122,33 @@ class EmbeddingService:
             hit = await self._lookup(key)
             if hit is not None:
                 results[key] = Embedding(key, hit[1], hit[0], time.perf_counter() - started)
-        waiting: dict[str, asyncio.Future] = {}
+        # A flight can finish (cached, then forgotten) while our lookup ran in its thread: re-check the in-process
+        # tier now, on the loop, so that prompt is not encoded a second time.
+        for key in [k for k in dict.fromkeys(keys) if k not in results and k not in self._in_flight]:
+            hit = self.cache.get_fast(key)
+            if hit is not None:
+                results[key] = Embedding(key, hit[1], hit[0], 0.0)
         todo = [i for i, key in enumerate(keys) if key not in results and keys.index(key) == i]
         mine = [i for i in todo if keys[i] not in self._in_flight]
-        waiting.update({keys[i]: self._in_flight[keys[i]] for i in todo if keys[i] in self._in_flight})
+        own = None
         if mine:
-            await self._encode_misses(encoder, [keys[i] for i in mine], [prompts[i] for i in mine],
-                                      None if prompts_2 is None else [prompts_2[i] for i in mine],
-                                      max_sequence_length, deadline, waiting)
-        for key, future in waiting.items():
-            results[key] = await asyncio.shield(future)
+            own = self._start_flight(encoder, [keys[i] for i in mine], [prompts[i] for i in mine],
+                                     None if prompts_2 is None else [prompts_2[i] for i in mine],
+                                     max_sequence_length, deadline)
+        # Single flight: a prompt another request is already encoding is waited for, not queued twice. The job
+        # then counts this request as a waiter and runs until the latest waiter's deadline.
+        flights = {keys[i]: self._in_flight[keys[i]] for i in todo}
+        jobs = list({id(job): job for _, job in flights.values()}.values())
+        for job in jobs:
+            if job is not own:
+                job.join(deadline)
+        try:
+            for key, (future, _) in flights.items():
+                results[key] = await asyncio.shield(future)
+        finally:
+            # Gone (cancelled, deadline) or failed: a job nobody waits for is dropped before GPU work.
+            for job in jobs:
+                job.leave()
         return [results[key] for key in keys]
 
     async def _lookup(self, key: str):
@@ -136,33 +156,48 @@ class EmbeddingService:
             return None
         return await asyncio.to_thread(self.cache.get, key)
 
-    async def _encode_misses(self, encoder, keys, prompts, prompts_2, max_sequence_length, deadline, waiting):
+    def _start_flight(self, encoder, keys, prompts, prompts_2, max_sequence_length, deadline) -> EncodeJob:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExpired("the request's deadline passed before it could be queued")
+        job = self.batchers[encoder.name].submit(prompts, prompts_2, max_sequence_length, deadline)
         loop = asyncio.get_running_loop()
-        shared = {key: loop.create_future() for key in keys}
-        self._in_flight.update(shared)
-        job = None
+        futures = {key: loop.create_future() for key in keys}
+        self._in_flight.update({key: (futures[key], job) for key in keys})
         started = time.perf_counter()
+        # The job's outcome is published by a callback, not by the request that queued it: that request may be
+        # cancelled while others still wait for the same prompts.
+        job.future.add_done_callback(lambda done: self._settle(done, keys, futures, time.perf_counter() - started))
+        return job
+
+    def _settle(self, done: asyncio.Future, keys, futures, seconds: float) -> None:
+        error = ModelNotReady("the encode was cancelled") if done.cancelled() else done.exception()
+        if error is not None:
+            for key, future in futures.items():
+                future.set_exception(error)
+                future.exception()  # retrieved: nobody may be waiting any more
+            self._forget(futures)
+            return
+        rows = done.result()
+        embeddings = {key: Embedding(key, "miss", {name: t[i] for name, t in rows.items()}, seconds)
+                      for i, key in enumerate(keys)}
+        task = asyncio.get_running_loop().create_task(self._publish(futures, embeddings))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _publish(self, futures, embeddings) -> None:
+        """Cache, then answer: a request that follows this one's answer must find the entry."""
         try:
-            job = self.batchers[encoder.name].submit(prompts, prompts_2, max_sequence_length, deadline)
-            rows = await job.future
-            seconds = time.perf_counter() - started
-            for i, key in enumerate(keys):
-                embedding = Embedding(key, "miss", {name: t[i] for name, t in rows.items()}, seconds)
-                shared[key].set_result(embedding)
-                waiting[key] = shared[key]
             if self.cache.tiers:
-                await asyncio.to_thread(self._store, [waiting[k].result() for k in keys])
-        except BaseException as e:
-            if isinstance(e, asyncio.CancelledError) and job is not None:
-                job.waiters -= 1  # the batcher drops it before GPU work
-            for future in shared.values():
-                if not future.done():
-                    future.set_exception(e if isinstance(e, Exception) else ModelNotReady("request cancelled"))
-                    future.exception()  # mark retrieved: other waiters may not exist
-            raise
+                await asyncio.to_thread(self._store, list(embeddings.values()))
         finally:
-            for key in keys:
-                self._in_flight.pop(key, None)
+            for key, future in futures.items():
+                future.set_result(embeddings[key])
+            self._forget(futures)
+
+    def _forget(self, futures) -> None:
+        for key, future in futures.items():
+            if self._in_flight.get(key, (None,))[0] is future:
+                del self._in_flight[key]
 
     def _store(self, embeddings: list[Embedding]) -> None:
         for embedding in embeddings:

@@ -29,9 +29,16 @@ def family_class(family: str) -> type[Encoder]:
 
 
 def get_encoder(source: str, *, name: str | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, family: str | None = None) -> Encoder:
+                dtype: torch.dtype = torch.float32, family: str | None = None, **options) -> Encoder:
     """Load the text encoders of `source` (hub repo id or local folder), picking the family from
-    `model_index.json`'s `_class_name` unless `family` is given."""
+    `model_index.json`'s `_class_name` unless `family` is given. `options` (`compile=`, `quantize=`) reach
+    `Encoder.__init__` and through it `Encoder.prepare_module`."""
+    from encoder_server.acceleration import check_acceleration
+    from encoder_server.quantize import check_quantize
+
+    # Before minutes of loading, not after.
+    check_quantize(options.get("quantize"), torch.device(device))
+    check_acceleration(options.get("compile", False), options.get("cuda_graphs", False), torch.device(device))
     resolved = resolve_source(source)
     if family is None:
         class_name = resolved.read_json("model_index.json").get("_class_name")
@@ -41,6 +48,6 @@ def get_encoder(source: str, *, name: str | None = None, device: str | torch.dev
         family = PIPELINE_FAMILIES[class_name]
     name = name or source.rstrip("/").split("/")[-1].split("@")[0]
     try:
-        return family_class(family)(name, resolved, torch.device(device), dtype)
+        return family_class(family)(name, resolved, torch.device(device), dtype, **options)
     except OSError as e:  # from_pretrained: missing files, hub unreachable
         raise SourceError(f"could not load the text encoders of {source!r}: {e}") from e

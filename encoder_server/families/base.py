@@ -32,9 +32,13 @@ class Encoder(ABC):
     family: ClassVar[str]
     # Folders whose files define the output bytes (hashed into the fingerprint).
     encoder_folders: ClassVar[tuple[str, ...]]
+    # Whether a second prompt list feeds a second text encoder (FLUX.1's T5).
+    takes_prompt_2: ClassVar[bool] = False
 
-    def __init__(self, name: str, source: ModelSource, device: torch.device, dtype: torch.dtype):
+    def __init__(self, name: str, source: ModelSource, device: torch.device, dtype: torch.dtype, *,
+                 compile: bool = False, quantize: str | None = None, cuda_graphs: bool = False):
         self.name, self.source, self.device, self.dtype = name, source, device, dtype
+        self.compile, self.quantize, self.cuda_graphs = compile, quantize, cuda_graphs
         self.default_max_sequence_length = 512
         self.max_sequence_length_limit = 512
 
@@ -48,12 +52,34 @@ class Encoder(ABC):
                ) -> dict[str, torch.Tensor]:
         """Encode a batch; returns `{diffusers argument name: (B, ...) tensor}` on any device."""
 
+    def prepare_module(self, module: torch.nn.Module, *, quantize: bool = True) -> torch.nn.Module:
+        """Every family passes each loaded text encoder through here (may be on the CPU or the device): it is
+        moved to `self.device`, quantized with `--quantize` when `quantize` (pass False for small encoders whose
+        precision matters more than their memory, e.g. FLUX.1's CLIP), and its repeated blocks compiled with
+        `--compile`, or its forward replayed as CUDA graphs with `--cuda-graphs`. Returns the module to use."""
+        from encoder_server.acceleration import compile_repeated_blocks, enable_cuda_graphs
+        from encoder_server.quantize import quantize_module
+
+        module = module.eval()
+        if quantize and self.quantize:
+            module = quantize_module(module, self.quantize, self.device, self.dtype)
+        else:
+            module = module.to(self.device)
+        if self.compile:
+            compile_repeated_blocks(module)
+        if self.cuda_graphs:
+            enable_cuda_graphs(module)
+        return module
+
     def fingerprint_parts(self) -> dict:
         """What besides the files changes the bytes; families add their layer set, template..."""
         import diffusers
         import transformers
 
-        return {"family": self.family, "dtype": DTYPE_NAMES[self.dtype], "quantization": None,
+        # Kernels differ across device types, torch releases and compiled graphs: bytes from a CUDA bf16
+        # server must never be served as if a CPU fp32 one had made them.
+        return {"family": self.family, "dtype": DTYPE_NAMES[self.dtype], "quantization": self.quantize,
+                "device": self.device.type, "compile": self.compile, "torch": torch.__version__.split("+")[0],
                 "transformers": transformers.__version__, "diffusers": diffusers.__version__}
 
     @property

@@ -15,9 +15,10 @@ from encoder_server.families.base import Encoder, OutputSpec
 class Flux1Encoder(Encoder):
     family = "flux1"
     encoder_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    takes_prompt_2 = True
 
-    def __init__(self, name, source, device, dtype):
-        super().__init__(name, source, device, dtype)
+    def __init__(self, name, source, device, dtype, **options):
+        super().__init__(name, source, device, dtype, **options)
         from diffusers import FluxPipeline
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -25,10 +26,12 @@ class Flux1Encoder(Encoder):
         load = dict(dtype=dtype, **kwargs)
         self.pipe = FluxPipeline(
             scheduler=None, vae=None, transformer=None,
-            text_encoder=CLIPTextModel.from_pretrained(source.pretrained, subfolder="text_encoder", **load).to(device),
+            # CLIP-L is 0.1 B parameters and gives the pooled vector: never quantized. T5-XXL (4.7 B) is.
+            text_encoder=self.prepare_module(
+                CLIPTextModel.from_pretrained(source.pretrained, subfolder="text_encoder", **load), quantize=False),
             tokenizer=CLIPTokenizer.from_pretrained(source.pretrained, subfolder="tokenizer", **kwargs),
-            text_encoder_2=T5EncoderModel.from_pretrained(source.pretrained, subfolder="text_encoder_2", **load
-                                                          ).to(device),
+            text_encoder_2=self.prepare_module(
+                T5EncoderModel.from_pretrained(source.pretrained, subfolder="text_encoder_2", **load)),
             tokenizer_2=T5TokenizerFast.from_pretrained(source.pretrained, subfolder="tokenizer_2", **kwargs),
         )
         # schnell is distilled without guidance embeddings and trained with 256 T5 tokens.

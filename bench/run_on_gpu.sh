@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run benchmarks on the GPU machine: `bash bench/run_on_gpu.sh NAME [NAME...]`.
+# Installs the carried wheels (.whl/: diffusers, transformers, grpcio, protobuf... that the machine lacks or has
+# too old) into /tmp/site, then runs each bench/NAME.py writing bench/results/NAME.json (and a copy under $OUT).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+python3 -c 'import torch, diffusers, transformers, grpc; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "diffusers", diffusers.__version__,
+  "transformers", transformers.__version__, "grpcio", grpc.__version__)'
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader || true
+mkdir -p bench/results
+status=0
+for name in "$@"; do
+  echo "=== $name"
+  python3 "bench/$name.py" --out "bench/results/$name.json" 2>&1 | tee "${OUT:-/tmp}/$name.log" || status=1
+  [ -n "${OUT:-}" ] && cp "bench/results/$name.json" "$OUT/" 2>/dev/null
+done
+exit $status
