@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from denoiser_client.errors import InvalidArgument
-from denoiser_client.pipeline import Timings, handshake, load_denoiser, remote_embeddings, run_pipeline
+from denoiser_client.pipeline import (Timings, handshake, load_denoiser, load_reference_images, negative_prompt_for,
+                                     remote_embeddings, run_pipeline)
 from denoiser_client.remote import ModelInfo, RemoteTextEncoder
 from shared.families import PIPELINE_FAMILIES
+from shared.prompts import prompt_text
 
 
 @dataclass
@@ -23,6 +26,7 @@ class GenerateOptions:
     negative_prompt: str | None = None
     true_cfg_scale: float | None = None
     max_sequence_length: int | None = None
+    images: tuple[str, ...] = ()  # FLUX.2 reference images
 
     def call_kwargs(self, device: str) -> dict:
         import torch
@@ -49,12 +53,17 @@ def pick_encoder_model(encoder: RemoteTextEncoder, source: str, name: str | None
     raise InvalidArgument(f"the server hosts {sorted(models)} and none is named {guess!r}: pass --encoder-model")
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def save_atomically(image, out: str | os.PathLike) -> Path:
     """Write to a temp file in the same folder, fsync, rename: never a partial image at `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; an image is for sharing like any file
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=(out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
             f.flush()
@@ -68,19 +77,36 @@ def save_atomically(image, out: str | os.PathLike) -> Path:
 
 def generate(encoder: RemoteTextEncoder, source: str, prompt: str, out: str | os.PathLike, *,
              encoder_model: str | None = None, options: GenerateOptions = GenerateOptions(), device: str = "cpu",
-             dtype=None, pipe=None, progress: bool = True) -> tuple[Path, Timings]:
-    """Generate one image through the split pipeline and save it; returns `(path, timings)`."""
+             dtype=None, pipe=None, progress: bool = True, vram=None, loras=()) -> tuple[Path, Timings]:
+    """Generate one image through the split pipeline and save it; returns `(path, timings)`.
+    `vram` is a `vram.VramOptions`; `loras` are `jobs.LoraRef`s, checked before any denoising."""
     import torch
 
     info = pick_encoder_model(encoder, source, encoder_model)
     if pipe is None:
-        pipe, family = load_denoiser(source, device=device, dtype=dtype or torch.float32)
+        pipe, family = load_denoiser(source, device=device, dtype=dtype or torch.float32, vram=vram)
     else:
         family = PIPELINE_FAMILIES[type(pipe).__name__]
     handshake(pipe, family, info)
+    if loras:
+        from denoiser_client.lora import LoraAdapters
+
+        adapters = LoraAdapters(pipe)
+        adapters.load(loras)
+        adapters.activate(tuple(loras))
     pipe.set_progress_bar_config(disable=not progress)
     timings = Timings()
-    embeddings = remote_embeddings(encoder, info.name, prompt, negative_prompt=options.negative_prompt,
+    call_kwargs = options.call_kwargs(device)
+    accepted = inspect.signature(pipe.__call__).parameters
+    unsupported = sorted(k for k in call_kwargs if k not in accepted)
+    if unsupported:
+        raise InvalidArgument(f"{type(pipe).__name__} does not take {', '.join(unsupported)}: drop those options")
+    images = load_reference_images(list(options.images), family)
+    if images:
+        call_kwargs["image"] = images
+    negative = negative_prompt_for(pipe, family, options.negative_prompt, guidance=options.guidance,
+                                   true_cfg_scale=options.true_cfg_scale)
+    embeddings = remote_embeddings(encoder, info.name, prompt_text(prompt), negative_prompt=negative,
                                    max_sequence_length=options.max_sequence_length, timings=timings)
-    image = run_pipeline(pipe, embeddings, timings=timings, **options.call_kwargs(device))
+    image = run_pipeline(pipe, embeddings, timings=timings, **call_kwargs)
     return save_atomically(image, out), timings

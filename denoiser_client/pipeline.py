@@ -34,10 +34,16 @@ def read_model_index(source: str) -> dict:
         raise InvalidArgument(f"could not read model_index.json of hub repo {source!r}: {e}") from None
 
 
-def load_denoiser(source: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_denoiser(source: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, vram=None):
     """Load a diffusers pipeline with every text encoder and tokenizer set to None: their weights
-    are never read (nor downloaded) on the denoiser node. Returns `(pipe, family)`."""
+    are never read (nor downloaded) on the denoiser node, whatever `vram` (a `vram.VramOptions`: fp8/nf4/int8
+    weights, CPU offloading, VAE tiling) says. Returns `(pipe, family)`."""
     import diffusers
+
+    from denoiser_client.vram import VramOptions
+
+    vram = vram or VramOptions()
+    vram.check(device)  # before any weight is read
 
     class_name = read_model_index(source).get("_class_name")
     family = PIPELINE_FAMILIES.get(class_name)
@@ -45,8 +51,9 @@ def load_denoiser(source: str, *, device: str = "cpu", dtype: torch.dtype = torc
         raise InvalidArgument(f"{source!r} is a {class_name!r}; promptcast denoises "
                               f"{', '.join(sorted(PIPELINE_FAMILIES))}")
     none = {component: None for component in TEXT_COMPONENTS[family]}
-    pipe = getattr(diffusers, class_name).from_pretrained(source, dtype=dtype, **none)
-    return pipe.to(device), family
+    pipe = getattr(diffusers, class_name).from_pretrained(source, dtype=dtype, **none,
+                                                          **vram.from_pretrained_kwargs(dtype))
+    return vram.apply(pipe, device, dtype), family
 
 
 def handshake(pipe, family: str, info: ModelInfo) -> None:
@@ -91,6 +98,48 @@ def remote_embeddings(encoder: RemoteTextEncoder, model: str, prompt: str, *, ne
     if negative_prompt is not None:
         kwargs.update({f"negative_{name}": t[1:] for name, t in tensors.items()})
     return kwargs
+
+
+MAX_REFERENCE_IMAGES = 10
+
+
+def negative_prompt_for(pipe, family: str, negative_prompt: str | None, *, guidance: float | None = None,
+                        true_cfg_scale: float | None = None) -> str | None:
+    """The negative prompt whose embeddings this call needs from the server, if any.
+
+    Mirrors each pipeline's own rule: FLUX.1 runs true CFG only with `true_cfg_scale > 1` and a negative
+    prompt; a FLUX.2 klein *base* model (not distilled) runs CFG whenever guidance > 1, with "" as the
+    default negative prompt; FLUX.2-dev is guidance-distilled and takes none.
+    """
+    if family == "flux1":
+        return negative_prompt if negative_prompt is not None and (true_cfg_scale or 1.0) > 1 else None
+    if family == "flux2-klein":
+        distilled = pipe.config.get("is_distilled", False)
+        return None if distilled or (4.0 if guidance is None else guidance) <= 1 else (negative_prompt or "")
+    if negative_prompt is not None:
+        raise InvalidArgument(f"{family} pipelines take no negative prompt (guidance is distilled into the model); "
+                              "drop --negative-prompt")
+    return None
+
+
+def load_reference_images(paths: list[str], family: str) -> list:
+    """FLUX.2 reference images, opened locally (the VAE encodes them on this node)."""
+    if not paths:
+        return []
+    if family == "flux1":
+        raise InvalidArgument("reference images (--image) need a FLUX.2 model; FLUX.1 text-to-image takes none")
+    if len(paths) > MAX_REFERENCE_IMAGES:
+        raise InvalidArgument(f"{len(paths)} reference images is over {MAX_REFERENCE_IMAGES}, FLUX.2's limit")
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as e:
+            raise InvalidArgument(f"reference image {path!r} cannot be read: {e}") from None
+    return images
 
 
 def run_pipeline(pipe, embeddings: dict, *, timings: Timings | None = None, **call_kwargs):

@@ -1,0 +1,141 @@
+"""What the FLUX.2 families share: a text encoder cut after the last layer the pipeline reads, and its tokenizer.
+
+`Flux2Pipeline` and `Flux2KleinPipeline` run their whole causal LM with `output_hidden_states=True` and keep three
+hidden states: (10, 20, 30) of Mistral Small 3.1's 40 layers, (9, 18, 27) of Qwen3's 36. The layers after the last
+one, the final norm and the lm_head (a vocabulary-wide projection of every token) are computed and thrown away, and
+Mistral3's vision tower is loaded but never run for text-only prompts. Here the bare decoder is built with
+`num_hidden_layers = max(layers)` and only the checkpoint tensors it holds are read: the rest stays on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from encoder_server.errors import SourceError
+from encoder_server.sources import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+class TruncatedTextEncoder(nn.Module):
+    r"""
+    Stands in for a FLUX.2 pipeline's `text_encoder`: the first `max(layers)` decoder layers of its language model,
+    without the final norm and the lm_head.
+
+    The diffusers functions that encode prompts (`Flux2Pipeline._get_mistral_3_small_prompt_embeds`,
+    `Flux2KleinPipeline._get_qwen3_prompt_embeds`) call it as they call the full model and read
+    `output.hidden_states[k]`. transformers numbers those as the full model does: `hidden_states[0]` is the embedding
+    output and `hidden_states[k]` the output of decoder layer `k - 1`, so the first `max(layers)` layers give every
+    index the pipeline reads, bit for bit.
+
+    Args:
+        text_model (`transformers.PreTrainedModel`):
+            A bare decoder (`MistralModel`, `Qwen3Model`) holding exactly `max(layers)` layers.
+        layers (`tuple[int, ...]`):
+            The hidden-state indices the pipeline stacks.
+    """
+
+    def __init__(self, text_model: nn.Module, layers: tuple[int, ...]):
+        super().__init__()
+        if len(text_model.layers) != max(layers):
+            raise ValueError(f"text_model has {len(text_model.layers)} layers; hidden states {layers} need "
+                             f"exactly {max(layers)}")
+        # transformers replaces the last hidden state with the final norm's output. In the full model that is the
+        # 40th layer's, which diffusers drops; here it would be the output of the last layer we keep, which diffusers
+        # reads un-normed. The norm only ever fed the lm_head, so it goes.
+        text_model.norm = nn.Identity()
+        self.text_model = text_model
+        self.layers = tuple(layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_model.device
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=True, use_cache=False):
+        # Asking for the stacked indices alone lets every other hidden state be freed as soon as the next layer has
+        # run, where `True` would hold all of them until the forward ends (31 times (B, L, 5120) for FLUX.2-dev).
+        return self.text_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                               output_hidden_states=list(self.layers) if output_hidden_states else False)
+
+    @classmethod
+    def from_pretrained(cls, source: ModelSource, layers: tuple[int, ...], *, dtype: torch.dtype,
+                        device: torch.device, key_mapping: dict[str, str] | None = None) -> TruncatedTextEncoder:
+        """Load the first `max(layers)` decoder layers of `source`'s `text_encoder` folder, and nothing after them.
+
+        `key_mapping` (regex -> replacement) maps the checkpoint's names to the bare decoder's, where transformers'
+        own prefix handling does not (Mistral3's `language_model.model.`).
+        """
+        from transformers import AutoConfig, AutoModel
+
+        kwargs = {"revision": source.revision} if source.revision else {}
+        text_config = copy.deepcopy(
+            AutoConfig.from_pretrained(source.pretrained, subfolder="text_encoder", **kwargs).get_text_config())
+        num_layers, full_layers = max(layers), text_config.num_hidden_layers
+        if num_layers > full_layers:
+            raise SourceError(f"{source.source!r}'s text encoder has {full_layers} layers; the pipeline reads hidden "
+                              f"states {layers}")
+        text_config.num_hidden_layers = num_layers
+        if getattr(text_config, "layer_types", None):
+            text_config.layer_types = text_config.layer_types[:num_layers]
+        # transformers opens the shards lazily and reads only the tensors the model holds; its load report would list
+        # every other one (later layers, lm_head, vision tower) as UNEXPECTED, which here is the point, not a problem.
+        with _without_load_report():
+            text_model, info = AutoModel.from_pretrained(
+                source.pretrained, subfolder="text_encoder", config=text_config, dtype=dtype,
+                device_map={"": device}, key_mapping=key_mapping, output_loading_info=True, **kwargs)
+        if info["missing_keys"] or info["mismatched_keys"]:
+            broken = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+            raise SourceError(f"{source.source!r}'s text encoder checkpoint does not hold the weights of "
+                              f"{type(text_model).__name__} (missing or mismatched: {', '.join(broken[:5])}, ...)")
+        logger.info("%s: loaded %d of %d decoder layers of %s (hidden states %s); %d checkpoint tensors left on disk",
+                    source.source, num_layers, full_layers, type(text_model).__name__, layers,
+                    len(info["unexpected_keys"]))
+        return cls(text_model.eval(), layers)
+
+
+def load_tokenizer(source: ModelSource):
+    """The pipeline's `tokenizer`, as the class `model_index.json` names, which is what diffusers loads.
+
+    FLUX.2-dev names `PixtralProcessor`, whose image half needs torchvision. Where it cannot be imported the processor's
+    own tokenizer is loaded from the same folder: for text-only prompts the processor renders the same chat template
+    and hands the text to that tokenizer, so the token ids are the same (checked with torchvision installed). The
+    fingerprint holds the class all the same, so the two never share cache entries.
+    """
+    import transformers
+
+    kwargs = {"revision": source.revision} if source.revision else {}
+    _library, class_name = source.read_json("model_index.json")["tokenizer"]
+    try:
+        return getattr(transformers, class_name).from_pretrained(source.pretrained, subfolder="tokenizer", **kwargs)
+    except ImportError as e:
+        if not class_name.endswith("Processor"):
+            raise
+        logger.warning("%s: %s cannot be loaded (%s); tokenizing with its tokenizer alone, which gives the same ids for "
+                       "text prompts", source.source, class_name, str(e).strip().splitlines()[0])
+        return transformers.AutoTokenizer.from_pretrained(source.pretrained, subfolder="tokenizer", **kwargs)
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    # A filter, not a level: transformers runs extra checks (and logs their findings) when its logger's level is raised.
+    log = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
