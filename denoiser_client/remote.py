@@ -6,6 +6,7 @@ import json
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from shared.tensor_codec import PayloadError as _WirePayloadError
 CACHE_STATUS_NAMES = {pb.CACHE_STATUS_MISS: "miss", pb.CACHE_STATUS_MEMORY: "memory", pb.CACHE_STATUS_DISK: "disk",
                       pb.CACHE_STATUS_REDIS: "redis", pb.CACHE_STATUS_UNSPECIFIED: "unknown"}
 _RETRIABLE = {grpc.StatusCode.UNAVAILABLE}
+# A replica killed mid-stream surfaces as UNAVAILABLE ("Stream removed", "Socket closed") or, depending on
+# when the connection died, as INTERNAL/UNKNOWN with an HTTP/2 reset; both calls are idempotent (Encode
+# by cache key), so those are re-requested whole on another replica too.
+_CUT_STREAM = ("rst_stream", "socket closed", "stream removed", "connection reset", "goaway", "broken pipe",
+               "stream terminated", "received http2 header with status")
 _SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "healthCheckConfig": {"serviceName": "promptcast.v1.TextEncoder"},
@@ -69,6 +75,7 @@ class EncodeInfo:
     server_seconds: float = 0.0  # the server's part: queue + encode for misses, lookup for hits
     target: str = ""
     attempts: int = 1
+    request_id: str = ""  # sent as x-request-id; the server logs it with the call
 
 
 class RemoteTextEncoder:
@@ -88,7 +95,13 @@ class RemoteTextEncoder:
         timeout (`float`, *optional*, defaults to 60):
             Deadline of every call, in seconds.
         retries (`int`, *optional*, defaults to 4):
-            Attempts over all targets for calls that fail with `UNAVAILABLE`, with exponential backoff.
+            Rounds over all targets for calls that fail with `UNAVAILABLE` (a dead, draining or
+            warming replica) or whose stream was cut mid-way (re-requested whole on the next target).
+        backoff (`float`, *optional*, defaults to 0.2):
+            Seconds to wait after the first failed round; doubled after each further round (jittered).
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            Keep embeddings in this folder on the node, keyed like the server's cache: a prompt seen
+            before is read from disk with no network call at all (cache status `local`).
 
     Example:
     ```py
@@ -100,24 +113,36 @@ class RemoteTextEncoder:
 
     def __init__(self, target: str, *, token: str | None = None, tls_ca: str | os.PathLike | None = None,
                  tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
-                 timeout: float = 60.0, retries: int = 4, backoff: float = 0.2):
+                 timeout: float = 60.0, retries: int = 4, backoff: float = 0.2,
+                 cache_dir: str | os.PathLike | None = None):
         self.targets = _split_targets(target)
+        if timeout is None or not timeout > 0:
+            raise errors.InvalidArgument(f"timeout={timeout!r}: every call needs a deadline, pass seconds > 0")
         self.timeout = timeout
         self.retries = max(1, retries)
         self.backoff = backoff
         token = token if token is not None else os.environ.get("PROMPTCAST_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         credentials = None
+        self._tls = bool(tls_ca or tls_cert)
         if tls_ca or tls_cert:
             read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
             credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+        # Keepalive pings find a dead link in ~40s even mid-encode (no data flowing), so a call on a
+        # vanished replica fails over instead of waiting for its whole deadline.
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   ("grpc.http2.max_pings_without_data", 0),
                    ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         self._channels = [grpc.secure_channel(t, credentials, options) if credentials
                           else grpc.insecure_channel(t, options) for t in self.targets]
         self._stubs = [pb_grpc.TextEncoderStub(c) for c in self._channels]
         self._next = 0
         self._models: dict[str, ModelInfo] | None = None
+        self.local_cache = None
+        if cache_dir is not None:
+            from denoiser_client.local_cache import LocalEmbeddingCache
+
+            self.local_cache = LocalEmbeddingCache(cache_dir)
 
     def close(self) -> None:
         for channel in self._channels:
@@ -161,7 +186,8 @@ class RemoteTextEncoder:
             model (`str`, *optional*): the hosted model's name; may be omitted when the server hosts one.
             prompt_2 (`str` or `list[str]`, *optional*): FLUX.1's T5 prompt(s); defaults to `prompt`.
             max_sequence_length (`int`, *optional*): defaults to the model's default (FLUX.1-dev: 512).
-            with_info (`bool`, *optional*): also return an [`EncodeInfo`] (cache status per prompt...).
+            with_info (`bool`, *optional*): also return an [`EncodeInfo`] (per prompt: cache status
+                `miss`, `memory`, `disk`, `redis` or `local`, cache key...).
 
         Returns:
             `dict[str, torch.Tensor]`: CPU tensors keyed by the diffusers call's argument names
@@ -172,46 +198,81 @@ class RemoteTextEncoder:
         prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
         if prompts_2 is not None and len(prompts_2) != len(prompts):
             raise errors.InvalidArgument(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}")
+        if self.local_cache is not None:
+            tensors, info = self.local_cache.encode(self, prompts, model, prompts_2, max_sequence_length)
+        else:
+            tensors, info = self._encode_remote(prompts, model, prompts_2, max_sequence_length)
+        return (tensors, info) if with_info else tensors
+
+    def _encode_remote(self, prompts: list[str], model: str | None, prompts_2: list[str] | None,
+                       max_sequence_length: int | None) -> tuple[dict[str, torch.Tensor], EncodeInfo]:
         request = pb.EncodeRequest(model=model or "", prompts=prompts, prompts_2=prompts_2 or [],
                                    max_sequence_length=max_sequence_length or 0)
         started = time.perf_counter()
-        (tensors, headers, received), target, attempts = self._call(lambda stub: self._stream(stub, request, len(prompts)))
-        if not with_info:
-            return tensors
+        request_id = uuid.uuid4().hex[:16]  # the same on every retry: the servers' logs tie them together
+        (tensors, headers, received), target, attempts = self._call(
+            lambda stub: self._stream(stub, request, len(prompts), request_id))
         info = EncodeInfo([CACHE_STATUS_NAMES[h.cache_status] for h in headers], [h.cache_key for h in headers],
                           received, time.perf_counter() - started, max(h.server_seconds for h in headers),
                           target, attempts)
+        info.request_id = request_id
         return tensors, info
 
-    def _stream(self, stub, request, num_prompts):
+    def _stream(self, stub, request, num_prompts, request_id: str = ""):
         assembler = EmbeddingAssembler(num_prompts)
         received = 0
-        for message in stub.Encode(request, timeout=self.timeout, metadata=self._metadata):
+        metadata = (*self._metadata, ("x-request-id", request_id)) if request_id else self._metadata
+        # A fresh assembler per attempt: a stream cut mid-way is re-requested whole, never stitched.
+        for message in stub.Encode(request, timeout=self.timeout, metadata=metadata):
             received += message.ByteSize()
             assembler.feed(message)
         return assembler.result(), assembler.headers, received
 
     def _call(self, fn):
-        """Run `fn(stub)`, moving to the next target on UNAVAILABLE (a dead replica, a cut stream)."""
+        """Run `fn(stub)`, moving to the next target on UNAVAILABLE (a dead or draining replica, a cut
+        stream), with exponential backoff after each round over all targets."""
         last: grpc.RpcError | None = None
-        for attempt in range(self.retries * len(self._stubs)):
+        attempts = self.retries * len(self._stubs)
+        for attempt in range(attempts):
             index = (self._next + attempt) % len(self._stubs)
             try:
                 result = fn(self._stubs[index])
                 self._next = index
                 return result, self.targets[index], attempt + 1
             except grpc.RpcError as e:
-                if e.code() not in _RETRIABLE:
+                if not _retriable(e):
                     raise errors.from_rpc_error(e, self.targets[index]) from None
                 last = e
             except _WirePayloadError as e:
                 raise errors.PayloadError(f"bad embedding stream from {self.targets[index]}: {e}") from None
-            if (attempt + 1) % len(self._stubs) == 0:  # every target failed this round: back off
+            if (attempt + 1) % len(self._stubs) == 0 and attempt + 1 < attempts:  # a round failed: back off
                 time.sleep(self.backoff * 2 ** (attempt // len(self._stubs)) * (0.5 + random.random()))
+        detail = (last.details() or last.code().name) if last else "none"
         raise errors.ServerUnavailable(
             f"no encoder server answered at {self.target} after {self.retries} rounds of retries "
-            f"(last error: {last.details() if last else 'none'}); is `promptcast serve` running there?",
-            grpc.StatusCode.UNAVAILABLE) from None
+            f"(last error: {detail}); {_unavailable_hint(detail, self._tls)}", grpc.StatusCode.UNAVAILABLE) from None
+
+
+def _retriable(error: grpc.RpcError) -> bool:
+    code = error.code()
+    if code in _RETRIABLE:
+        return True
+    details = (error.details() or "").lower()
+    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(s in details for s in _CUT_STREAM)
+
+
+def _unavailable_hint(detail: str, tls: bool) -> str:
+    lowered = detail.lower()
+    if any(s in lowered for s in ("ssl", "tls", "handshake", "certificate")):
+        return ("the TLS handshake failed: pass --tls-ca with the CA that signed the server's certificate "
+                "(and --tls-cert/--tls-key if it requires client certificates)")
+    if "unhealthy" in lowered:  # client-side health checks: the server answers NOT_SERVING
+        return ("the server is up but not serving: still loading its models, draining, or its device is stuck "
+                "(--gpu-timeout); retry shortly or add replicas")
+    if tls:  # a server requiring client certificates just closes the socket on a client without one
+        return ("is `promptcast serve` running there, and if it requires client certificates (mTLS), did you "
+                "pass --tls-cert/--tls-key signed by its --tls-client-ca?")
+    return "is `promptcast serve` running there (and, if it serves TLS, did you pass --tls-ca)?"
 
 
 def _split_targets(target: str) -> list[str]:

@@ -8,8 +8,10 @@ served. Slow tiers (disk, Redis) are called from a worker thread by the service.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -31,10 +33,20 @@ def nbytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def default_memory_bytes() -> int:
+    """The `--cache-mem` default: 10% of this host's RAM, at most 4 GiB (1000 FLUX.1 prompts)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small box
+        ram = 8 << 30
+    return min(4 << 30, ram // 10)
+
+
 class MemoryTier:
     """LRU bounded in bytes."""
 
     name = "memory"
+    fast = True  # cheap enough to consult on the event loop (single flight re-checks it)
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -74,10 +86,34 @@ class MemoryTier:
 
 
 class EmbeddingCache:
-    """Looks keys up tier by tier; a hit in a lower tier is copied into the tiers above it."""
+    """Looks keys up tier by tier; a hit in a lower tier is copied into the tiers above it.
+
+    That copy goes into in-process tiers at once and into slow ones (disk) on a background thread:
+    a Redis hit must not wait for a 15 MiB fsync before it is answered.
+    """
 
     def __init__(self, tiers: list[CacheTier]):
         self.tiers = tiers
+        self._refill = ThreadPoolExecutor(1, thread_name_prefix="cache-refill")
+
+    def get_fast(self, key: str) -> tuple[Tensors, str] | None:
+        """Look only in the in-process tiers (no I/O): safe to call on the event loop."""
+        for tier in self.tiers:
+            if getattr(tier, "fast", False):
+                tensors = tier.get(key)
+                if tensors is not None:
+                    return tensors, tier.name
+        return None
+
+    def stats(self) -> dict[str, dict]:
+        """Per tier: entries/bytes, and for Redis its health and error count (logs and metrics read this)."""
+        out = {}
+        for tier in self.tiers:
+            if hasattr(tier, "max_bytes"):  # memory, disk: counters kept in memory, no scan
+                out[tier.name] = {"entries": len(tier), "bytes": tier.bytes, "max_bytes": tier.max_bytes}
+            else:
+                out[tier.name] = tier.stats()
+        return out
 
     def get(self, key: str) -> tuple[Tensors, str] | None:
         for level, tier in enumerate(self.tiers):
@@ -88,7 +124,10 @@ class EmbeddingCache:
                 continue
             if tensors is not None:
                 for upper in self.tiers[:level]:
-                    self._put(upper, key, tensors)
+                    if getattr(upper, "fast", False):
+                        self._put(upper, key, tensors)
+                    else:
+                        self._refill.submit(self._put, upper, key, tensors)
                 return tensors, tier.name
         return None
 
@@ -96,9 +135,37 @@ class EmbeddingCache:
         for tier in self.tiers:
             self._put(tier, key, tensors)
 
+    def flush(self) -> None:
+        """Wait for the background refills queued so far (tests, shutdown)."""
+        self._refill.submit(lambda: None).result()
+
     @staticmethod
     def _put(tier: CacheTier, key: str, tensors: Tensors) -> None:
         try:
             tier.put(key, tensors)
         except Exception:  # noqa: BLE001
             logger.exception("cache tier %s failed on put", tier.name)
+
+
+def build_cache(mem_bytes: int, directory=None, disk_max_bytes: int = 0, redis_url: str | None = None
+                ) -> EmbeddingCache:
+    """Memory -> disk -> Redis, each tier present only when configured (0 bytes / None disables it)."""
+    tiers: list[CacheTier] = []
+    if mem_bytes > 0:
+        tiers.append(MemoryTier(mem_bytes))
+    if directory is not None and str(directory).lower() != "none" and disk_max_bytes > 0:
+        from shared.disk_cache import DiskTier
+
+        tiers.append(DiskTier(directory, disk_max_bytes))
+    if redis_url:
+        from encoder_server.redis_cache import RedisTier
+
+        tiers.append(RedisTier(redis_url))
+    logger.info("embedding cache tiers: %s", " -> ".join(
+        f"{t.name} ({getattr(t, 'directory', None) or getattr(t, 'url', None) or _gib(t.max_bytes)})"
+        for t in tiers) or "none")
+    return EmbeddingCache(tiers)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -125,9 +125,10 @@ class EmbeddingAssembler:
                 self.tensors[spec.name] = torch.empty((self.num_prompts, *spec.shape), dtype=dtype)
         for spec in header.tensors:
             validate_spec(spec, self.max_bytes)
-        if [(s.name, s.dtype, list(s.shape)) for s in header.tensors] != [
+        # Same tensors as the first prompt's, in any order (each spec says which bytes follow).
+        if sorted((s.name, s.dtype, list(s.shape)) for s in header.tensors) != sorted(
             (name, DTYPE_NAMES[t.dtype], list(t.shape[1:])) for name, t in self.tensors.items()
-        ]:
+        ):
             raise PayloadError(f"prompt {header.index}: tensor specs differ from the first prompt's")
         self._current = header
         self._targets = [(spec, tensor_bytes(self.tensors[spec.name][header.index])) for spec in header.tensors]

@@ -108,3 +108,43 @@ def test_flux1_sized_embedding_crosses_default_grpc_limits(tiny_flux1, tmp_path)
     assert out["prompt_embeds"][0].numel() * 2 == 4 << 20
     assert info.bytes_received > 2 * (4 << 20)
     assert torch.isfinite(out["prompt_embeds"].float()).all()
+
+
+def test_flux2_sized_embedding_streams_through_default_limits(tiny_flux1):
+    """RELIABILITY row 6: a (512, 15360) bf16 embedding (15 MiB, FLUX.2-dev's) through a real server and client
+    with default gRPC limits, checksums verified. The encoder is the real tiny FLUX.1 one with its T5 output
+    widened to FLUX.2-dev's width, since a 15360-wide Mistral does not fit a CI machine."""
+    from denoiser_client import RemoteTextEncoder
+    from encoder_server.families import get_encoder
+    from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
+
+    class WideEncoder(type(get_encoder(str(tiny_flux1)))):
+        def fingerprint_parts(self):  # other bytes, other cache keys
+            return {**super().fingerprint_parts(), "widened_to": 15360}
+
+        def encode(self, prompts, prompts_2, max_sequence_length):
+            out = super().encode(prompts, prompts_2, max_sequence_length)
+            t5 = out["prompt_embeds"]  # (B, L, 48) -> (B, L, 15360), deterministic in the prompt
+            return {"prompt_embeds": t5.repeat(1, 1, 320).to(torch.bfloat16)}
+
+    wide = WideEncoder("wide", get_encoder(str(tiny_flux1)).source, torch.device("cpu"), torch.float32)
+    with BackgroundServer(ServerConfig([ModelSpec(str(tiny_flux1))], port=0), encoders=[wide]) as server:
+        with RemoteTextEncoder(server.address) as client:
+            out, info = client.encode(["a fox", "a cat"], with_info=True)
+    expected = wide.encode(["a fox", "a cat"], None, 512)["prompt_embeds"]
+    assert out["prompt_embeds"].shape == (2, 512, 15360)
+    assert out["prompt_embeds"][0].numel() * 2 == 15 << 20
+    assert torch.equal(out["prompt_embeds"], expected)
+    assert info.bytes_received > 2 * (15 << 20)
+
+
+def test_prompts_may_list_their_tensors_in_any_order():
+    """A cache hit may hold its tensors in another order than a fresh encode; each spec names its bytes."""
+    a = {"prompt_embeds": torch.randn(4, 8), "pooled_prompt_embeds": torch.randn(3)}
+    b = {"pooled_prompt_embeds": torch.randn(3), "prompt_embeds": torch.randn(4, 8)}
+    assembler = EmbeddingAssembler(2)
+    for message in _messages(a, 0) + _messages(b, 1):
+        assembler.feed(message)
+    out = assembler.result()
+    assert torch.equal(out["prompt_embeds"][1], b["prompt_embeds"])
+    assert torch.equal(out["pooled_prompt_embeds"][0], a["pooled_prompt_embeds"])
