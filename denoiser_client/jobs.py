@@ -1,0 +1,237 @@
+"""Job files: one JSON object a line, DataFlow's chat format or a plain object, validated with line numbers.
+
+A line is either DataFlow's `{"conversations": [{"role": "user", "content": "..."}]}` (the text is the last user
+turn) or a plain `{"prompt": ..., "id", "seed", "steps", "guidance", "width", "height", "negative_prompt",
+"loras": [{"path", "weight"}], "images": [...]}`. Command-line options are defaults; a line's fields win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from denoiser_client.errors import InvalidArgument
+from shared.prompts import prompt_text
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA of an item: an absolute file path and its weight."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class JobDefaults:
+    """The command line's values; `None` means the pipeline's own default."""
+
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    loras: tuple[LoraRef, ...] = ()
+    model: str = ""  # the model source and encoder model name go into every key: another model, another image
+    encoder_model: str | None = None
+    max_sequence_length: int | None = None
+
+
+@dataclass
+class JobItem:
+    """One good line: what is encoded, how it is denoised, and the object it came from."""
+
+    line: int  # 1-based line number in the job file
+    source: dict  # the line's object, echoed into results.jsonl
+    prompt: str  # the text sent to the encoder (an object prompt is its compact JSON)
+    seed: int
+    steps: int | None
+    guidance: float | None
+    width: int | None
+    height: int | None
+    negative_prompt: str | None
+    true_cfg_scale: float | None
+    loras: tuple[LoraRef, ...]
+    input_images: tuple[str, ...]
+    id: str | None
+    key: str = field(default="")
+    negative_text: str | None = None  # what the pipeline's CFG rule needs encoded (set by the runner)
+
+    def params(self) -> dict:
+        """The effective parameters (hashed into the key, written to the result line)."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
+                "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
+                "true_cfg_scale": self.true_cfg_scale, "input_images": list(self.input_images),
+                "loras": [{"path": lora.path, "weight": lora.weight} for lora in self.loras]}
+
+    def batch_group(self) -> tuple:
+        """Items whose group is equal can be denoised in one pipeline call."""
+        return (self.loras, self.steps, self.guidance, self.width, self.height, self.true_cfg_scale,
+                self.negative_text is not None, self.input_images)
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+# field -> accepted JSON types (bool is excluded from numbers below: json's true is not a seed)
+_FIELD_TYPES = {"id": (str, int), "seed": (int,), "steps": (int,), "guidance": (int, float), "width": (int,),
+                "height": (int,), "negative_prompt": (str,), "true_cfg_scale": (int, float), "loras": (list,),
+                "images": (list,), "prompt": (str, dict, list)}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
+
+
+def item_key(defaults: JobDefaults, params: dict, item_id) -> str:
+    """SHA-256 of everything that decides the image: same key, same image, done once."""
+    blob = json.dumps({"model": defaults.model, "encoder_model": defaults.encoder_model, "id": item_id,
+                       "max_sequence_length": defaults.max_sequence_length, **params},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or n < 1 or not 0 <= i < n:
+        raise InvalidArgument(f"--shard {text!r} must be I/N with 0 <= I < N, e.g. 0/4 for the first of 4 nodes")
+    return i, n
+
+
+def parse_lora(text: str, base: Path | None = None) -> LoraRef:
+    """`PATH[:WEIGHT]` -> LoraRef (a path may itself hold colons: only a number after the last one is a weight)."""
+    path, sep, weight = text.rpartition(":")
+    try:
+        value = float(weight) if sep else None
+    except ValueError:
+        value = None
+    if value is None:
+        path, value = text, 1.0
+    return LoraRef(_absolute(path, base), value)
+
+
+def _absolute(path: str, base: Path | None) -> str:
+    """Job-file paths are relative to the job file's folder; command-line ones to the working directory."""
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base or Path.cwd()) / p)
+
+
+def _prompt_text(obj: dict) -> str:
+    if "conversations" in obj and "prompt" not in obj:
+        turns = obj["conversations"]
+        if not isinstance(turns, list):
+            raise ValueError("'conversations' must be a list of {role, content} turns")
+        users = [t for t in turns if isinstance(t, dict) and t.get("role") in ("user", "human")]
+        if not users:
+            raise ValueError("'conversations' has no user turn: the prompt is the last user turn's content")
+        content = users[-1].get("content")
+        if isinstance(content, list):  # OpenAI-style parts: keep the text parts
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise ValueError("the last user turn's 'content' must be a string")
+        return content
+    if "prompt" not in obj:
+        raise ValueError("no 'prompt' (and no DataFlow 'conversations'): every line needs one")
+    return prompt_text(obj["prompt"])  # FLUX.2 structured prompting: an object is sent as its compact JSON text
+
+
+def _check_types(obj: dict) -> None:
+    for name, types in _FIELD_TYPES.items():
+        if name not in obj or obj[name] is None and name not in ("prompt",):
+            continue
+        value = obj[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ValueError(f"field {name!r} is {type(value).__name__} {json.dumps(value)[:40]}, it must be {want}")
+
+
+def _loras(value, base: Path) -> tuple[LoraRef, ...]:
+    refs = []
+    for entry in value:
+        if isinstance(entry, str):
+            refs.append(parse_lora(entry, base))
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError("each entry of 'loras' must be {\"path\": str, \"weight\": number} or \"PATH[:WEIGHT]\"")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"a LoRA weight must be a number, not {json.dumps(weight)}")
+        refs.append(LoraRef(_absolute(entry["path"], base), float(weight)))
+    return tuple(refs)
+
+
+def parse_line(text: str, line: int, defaults: JobDefaults, base: Path) -> JobItem:
+    """One line -> JobItem; raises ValueError with the reason (the caller adds the line number)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a line must be a JSON object, not {type(obj).__name__}")
+    _check_types(obj)
+    prompt = _prompt_text(obj)
+    pick = lambda name, default: default if obj.get(name) is None else obj[name]  # noqa: E731
+    width, height = pick("width", defaults.width), pick("height", defaults.height)
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and (value <= 0 or value % 16):
+            raise ValueError(f"{name}={value} must be a positive multiple of 16 (e.g. {max(16, value // 16 * 16)})")
+    steps = pick("steps", defaults.steps)
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1")
+    images = obj.get("images") or []
+    if not all(isinstance(p, str) for p in images):
+        raise ValueError("'images' must be a list of file paths (input images for editing pipelines)")
+    loras = _loras(obj["loras"], base) if obj.get("loras") is not None else defaults.loras
+    guidance, true_cfg = pick("guidance", defaults.guidance), pick("true_cfg_scale", defaults.true_cfg_scale)
+    item = JobItem(line=line, source=obj, prompt=prompt, seed=int(pick("seed", defaults.seed)), steps=steps,
+                   guidance=None if guidance is None else float(guidance), width=width, height=height,
+                   negative_prompt=pick("negative_prompt", defaults.negative_prompt),
+                   true_cfg_scale=None if true_cfg is None else float(true_cfg), loras=loras,
+                   input_images=tuple(_absolute(p, base) for p in images), id=obj.get("id"))
+    item.key = item_key(defaults, item.params(), item.id)
+    return item
+
+
+def read_job_file(path: str | os.PathLike, defaults: JobDefaults, *, shard: tuple[int, int] = (0, 1),
+                  strict: bool = False) -> tuple[list[JobItem], list[BadLine]]:
+    """Parse a job file: (good items, bad lines), both in file order, restricted to this node's shard.
+
+    Sharding counts non-blank lines, good or bad, so N shards cover the file exactly once and each bad line is
+    reported by exactly one node. With `strict`, the first bad line raises `InvalidArgument`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgument(f"job file {str(path)!r} does not exist")
+    index, count = shard
+    base = path.parent.absolute()
+    items, bad = [], []
+    position = -1
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            position += 1
+            if position % count != index:
+                continue
+            try:
+                items.append(parse_line(text, number, defaults, base))
+            except ValueError as e:
+                if strict:
+                    raise InvalidArgument(f"{path}:{number}: {e} (--strict stops at the first bad line)") from None
+                bad.append(BadLine(number, str(e)))
+    return items, bad

@@ -1,0 +1,128 @@
+"""Making the transformer fit a small card: dtype, fp8/nf4/int8 weights, CPU offloading, VAE tiling.
+
+`--quantize fp8` uses diffusers' layerwise casting (`diffusers.hooks.apply_layerwise_casting`): weights are stored in
+float8_e4m3fn and each layer is upcast to the compute dtype just before it runs. We chose it over torchao's
+float8 weight-only config because it is part of diffusers itself (no extra dependency whose API moves between
+releases, kept working with diffusers' own offloading and LoRA hooks), it works on every device including CPU (so
+it is tested here), it needs no compile or warm-up, and torchao's weight-only float8 path dequantises before a
+bf16 matmul just the same, so it is not faster; torchao's faster fp8 path also quantises activations, which is not
+"computed in bf16" any more.
+
+What stays in the compute dtype: the embedders, the final `norm_out`/`proj_out` (`FP8_KEEP`). Unlike diffusers'
+default skip list (whose "norm" pattern also keeps every block's AdaLN modulation Linear, about 3.2 B of FLUX.1's
+11.9 B parameters, in bf16), the modulation layers are stored in fp8 like every other block Linear, as fp8 FLUX
+checkpoints commonly store them: the FLUX.1 transformer drops from 14.1 to about 11.1 GiB, so a 1024x1024 image fits
+a 16 GB card. (Norm layers themselves are not Linear and never cast.)
+
+`--quantize nf4|int8` uses bitsandbytes, which only runs on CUDA; it is refused on CPU before anything is loaded.
+Whatever the options, text encoders are never loaded: `load_denoiser` passes them as None.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from denoiser_client.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE = ("fp8", "nf4", "int8")
+# re.search patterns of transformer modules kept in the compute dtype under --quantize fp8 (see the module doc).
+FP8_KEEP = ("pos_embed", "patch_embed", "embed", r"^proj_in$", r"^proj_out$", r"^norm_out")
+OFFLOAD = ("model", "sequential", "group")
+
+
+@dataclass(frozen=True)
+class VramOptions:
+    r"""
+    How the denoiser's weights are held.
+
+    Args:
+        quantize (`str`, *optional*):
+            `fp8` (float8 storage, computed in the pipeline dtype), `nf4` or `int8` (bitsandbytes, CUDA only).
+        offload (`str`, *optional*):
+            `model` (`enable_model_cpu_offload`), `sequential` (`enable_sequential_cpu_offload`) or `group`
+            (transformer group offloading, block by block with a CUDA stream). Needs an accelerator.
+        vae_tiling (`bool`, *optional*, defaults to `False`):
+            Decode in tiles: the VAE's peak memory at 1024x1024 and above drops to a tile's.
+    """
+
+    quantize: str | None = None
+    offload: str | None = None
+    vae_tiling: bool = False
+
+    def check(self, device: str) -> None:
+        """Refuse impossible combinations before any weight is read."""
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise InvalidArgument(f"--quantize {self.quantize!r} is not one of {', '.join(QUANTIZE)}")
+        if self.offload is not None and self.offload not in OFFLOAD:
+            raise InvalidArgument(f"--offload {self.offload!r} is not one of {', '.join(OFFLOAD)}")
+        on_cuda = str(device).startswith("cuda")
+        if self.quantize in ("nf4", "int8"):
+            if not on_cuda:
+                raise InvalidArgument(f"--quantize {self.quantize} uses bitsandbytes, which needs a CUDA device, but "
+                                      f"--device is {device!r}: use --quantize fp8 (works everywhere) or a CUDA device")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise InvalidArgument(f"--quantize {self.quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+        if self.offload is not None and not on_cuda:
+            raise InvalidArgument(f"--offload {self.offload} moves weights between CPU memory and a GPU, but --device is "
+                                  f"{device!r}: drop --offload or use a CUDA device")
+        if self.offload is not None and self.quantize in ("nf4", "int8"):
+            raise InvalidArgument(f"--offload {self.offload} cannot move bitsandbytes {self.quantize} weights; "
+                                  "use --quantize fp8 with offloading, or no offloading")
+
+    def from_pretrained_kwargs(self, dtype: torch.dtype) -> dict:
+        """Extra `from_pretrained` arguments: bitsandbytes quantises the transformer while it loads."""
+        if self.quantize not in ("nf4", "int8"):
+            return {}
+        from diffusers import BitsAndBytesConfig
+        from diffusers.quantizers import PipelineQuantizationConfig
+
+        config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+                  if self.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+        return {"quantization_config": PipelineQuantizationConfig(quant_mapping={"transformer": config})}
+
+    def apply(self, pipe, device: str, dtype: torch.dtype):
+        """Cast, place and offload a freshly loaded pipeline; returns it."""
+        if self.quantize == "fp8":
+            from diffusers.hooks import apply_layerwise_casting
+
+            # diffusers' own function behind `enable_layerwise_casting`, which would add the model's "norm" pattern.
+            apply_layerwise_casting(pipe.transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
+                                    skip_modules_pattern=FP8_KEEP)
+        if self.vae_tiling:
+            enable_vae_tiling(pipe.vae)
+        if self.offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif self.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        elif self.offload == "group":
+            pipe.vae.to(device)
+            pipe.transformer.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                                  offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        elif self.quantize not in ("nf4", "int8"):  # bitsandbytes already placed its weights on the GPU
+            pipe.to(device)
+        else:
+            pipe.vae.to(device)
+        return pipe
+
+
+def enable_vae_tiling(vae) -> None:
+    """Tiled (and, for batches, sliced) decoding. The FLUX VAE only tiles images larger than its sample size
+    (1024 px), so its tile is halved: a 1024x1024 image then decodes in overlapping 512 px tiles as well."""
+    vae.enable_tiling()
+    if hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+    if getattr(vae, "tile_sample_min_size", 0) >= 1024 and hasattr(vae, "tile_latent_min_size"):
+        vae.tile_sample_min_size //= 2
+        vae.tile_latent_min_size //= 2
+
+
+def transformer_bytes(pipe) -> int:
+    """Bytes held by the transformer's parameters and buffers (after quantisation)."""
+    module = pipe.transformer
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
