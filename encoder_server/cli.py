@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -26,17 +28,65 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests queued per model before RESOURCE_EXHAUSTED.")] = 256,
     max_prompts_per_call: Annotated[int, typer.Option(help="Most prompts in one Encode call.")] = 64,
     max_prompt_chars: Annotated[int, typer.Option(help="Longest prompt accepted, in characters.")] = 20_000,
-    cache_mem: Annotated[str, typer.Option(help="Memory cache bound, e.g. 2GiB, 512MiB, 0 to disable.")] = "2GiB",
+    cache_mem: Annotated[str, typer.Option(help="Memory cache bound, e.g. 2GiB, 512MiB, 0 to disable; auto = 10% of "
+                                           "RAM, at most 4GiB.")] = "auto",
+    cache_dir: Annotated[Optional[str], typer.Option(help="Disk cache folder (default: $XDG_CACHE_HOME/promptcast/"
+                                                     "embeddings, i.e. ~/.cache/...); 'none' disables it.")] = None,
+    cache_disk_max: Annotated[str, typer.Option(help="Disk cache bound; least recently used entries go first.")
+                              ] = "20GiB",
+    cache_redis: Annotated[Optional[str], typer.Option(help="redis://host:port/db: a cache shared by every replica "
+                                                       "(off by default).")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="Server certificate chain (PEM): serve TLS.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="Private key (PEM) of --tls-cert.")] = None,
+    tls_client_ca: Annotated[Optional[Path], typer.Option(help="CA (PEM) that signs client certificates: "
+                                                          "require one (mTLS).")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(help="Accepted bearer tokens, one a line (# comments); "
+                                                       "re-read on SIGHUP. Health stays open.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve Prometheus metrics on this port "
+                                                        "(0 picks one).")] = None,
+    health_port: Annotated[Optional[int], typer.Option(help="Also serve grpc.health.v1 in plaintext on this "
+                                                       "port (kubelet gRPC probes cannot speak TLS).")] = None,
+    gpu_timeout: Annotated[float, typer.Option(help="Health turns NOT_SERVING while one batch runs longer "
+                                               "than this many seconds (a stuck GPU); 0 disables.")] = 300.0,
+    max_batch_tokens: Annotated[int, typer.Option(help="Most padded tokens (prompts x max_sequence_length) in one "
+                                                  "forward pass; bounds activation memory.")] = 16 * 512,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoders' layers (compiled and "
+                                          "warmed before the server reports SERVING).")] = False,
+    quantize: Annotated[Optional[str], typer.Option(help="Quantize the large text encoder (CUDA only): int8 or nf4 "
+                                                    "(bitsandbytes), fp8 (torchao).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay the encoders as CUDA graphs (captured at "
+                                              "start-up per batch size; CUDA only).")] = False,
 ):
     """Run the encoder server: text encoders only, embeddings streamed over gRPC."""
     from encoder_server.server import EncoderServer, ModelSpec, ServerConfig
     from encoder_server.service import Limits
+    from encoder_server.tls import check_options
+    from encoder_server.cache import default_memory_bytes
     from shared.config import parse_bytes, resolve_device
+    from shared.disk_cache import default_cache_dir
+
+    if cache_redis and not cache_redis.startswith(("redis://", "rediss://", "unix://")):
+        raise typer.BadParameter(f"{cache_redis!r} is not a Redis URL: use redis://host:6379/0",
+                                 param_hint="--cache-redis")
+    if cache_dir is None:
+        cache_dir = str(default_cache_dir())
+    elif cache_dir.lower() == "none":
+        cache_dir = None
+
+    check_options(tls_cert, tls_key, tls_client_ca)
 
     config = ServerConfig(
         models=[ModelSpec.parse(m, family) for m in model], host=host, port=port, device=resolve_device(device),
         dtype=dtype, grace=grace, limits=Limits(max_prompts_per_call, max_prompt_chars),
-        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue, cache_mem=parse_bytes(cache_mem))
+        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        cache_mem=default_memory_bytes() if cache_mem == "auto" else parse_bytes(cache_mem), cache_dir=cache_dir,
+        cache_disk_max=parse_bytes(cache_disk_max), cache_redis=cache_redis)
+    text = lambda path: None if path is None else str(path)  # noqa: E731
+    config = replace(config, tls_cert=text(tls_cert), tls_key=text(tls_key), tls_client_ca=text(tls_client_ca),
+                     token_file=text(token_file), metrics_port=metrics_port, health_port=health_port,
+                     gpu_timeout=gpu_timeout)
+    config = replace(config, max_batch_tokens=max_batch_tokens, compile=compile, quantize=quantize,
+                     cuda_graphs=cuda_graphs)
 
     async def run():
         await EncoderServer(config).run_until_signal()

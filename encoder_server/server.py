@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
+import threading
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -12,18 +15,33 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from encoder_server.cache import EmbeddingCache, MemoryTier
+from encoder_server.cache import build_cache, default_memory_bytes
 from encoder_server.families import get_encoder
 from encoder_server.interceptors import ErrorMappingInterceptor
+from encoder_server.metrics import MetricsInterceptor, ServerMetrics
 from encoder_server.service import EmbeddingService, Limits
 from encoder_server.servicer import TextEncoderServicer
 from shared.config import parse_dtype
+from shared.disk_cache import default_cache_dir
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    # Clients ping every 30s to find dead links (keepalive); without these the server would answer
+    # pings during a long encode with GOAWAY "too_many_pings".
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # Clients reconnect every few minutes, re-resolving dns:/// names: new replicas get traffic.
+    # In-flight calls keep their connection for up to the grace period.
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 120_000),
+]
 
 
 @dataclass
@@ -52,7 +70,22 @@ class ServerConfig:
     max_batch_size: int = 16
     max_wait_ms: float = 2.0
     max_queue: int = 256
-    cache_mem: int = 2 << 30
+    cache_mem: int = field(default_factory=default_memory_bytes)  # bytes; 0 disables the memory tier
+    cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))  # None or "none" disables
+    cache_disk_max: int = 20 << 30
+    cache_redis: str | None = None  # redis://host:port/db, shared by every replica
+    # Production operation (TLS, tokens, metrics, health port, GPU watchdog); None/0 = off.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    token_file: str | None = None
+    metrics_port: int | None = None
+    health_port: int | None = None  # plaintext health-only port, for probes that cannot speak TLS (kubelet)
+    gpu_timeout: float = 300.0
+    max_batch_tokens: int = 16 * 512  # padded tokens in one forward pass (prompts x max_sequence_length)
+    compile: bool = False  # torch.compile the encoders' repeated blocks, warmed at start-up
+    quantize: str | None = None  # int8 | nf4 (bitsandbytes), fp8 (torchao): the large text encoder only
+    cuda_graphs: bool = False  # replay the encoders' forwards as CUDA graphs, captured at start-up per batch bucket
 
 
 class EncoderServer:
@@ -63,12 +96,28 @@ class EncoderServer:
         self.config = config
         self._preloaded = encoders
         batcher_options = dict(max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
-                               max_queue=config.max_queue)
-        self.service = EmbeddingService(EmbeddingCache([MemoryTier(config.cache_mem)]), config.limits,
-                                        batcher_options)
+                               max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens)
+        self.metrics = ServerMetrics()
+        cache = build_cache(config.cache_mem, config.cache_dir, config.cache_disk_max, config.cache_redis)
+        self.service = EmbeddingService(cache, config.limits,
+                                        batcher_options, metrics=self.metrics)
+        self.metrics.bind(self.service)
+        self.auth = None
+        if config.token_file:
+            from encoder_server.auth import TokenAuthInterceptor
+
+            self.auth = TokenAuthInterceptor(config.token_file)
+        if credentials is None and config.tls_cert:
+            from encoder_server.tls import server_credentials
+
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if self.auth is not None and credentials is None:
+            logger.warning("--token-file without TLS: tokens cross the network in the clear (add --tls-cert/--tls-key)")
         self.health = health.aio.HealthServicer()
-        self.server = aio.server(interceptors=[*interceptors, ErrorMappingInterceptor()],
-                                 options=[("grpc.so_reuseport", 0)])
+        # Metrics outermost (refused calls are counted too), then the token check, then error mapping.
+        chain = [MetricsInterceptor(self.metrics), *([self.auth] if self.auth else []), *interceptors,
+                 ErrorMappingInterceptor()]
+        self.server = aio.server(interceptors=chain, options=SERVER_OPTIONS)
         pb_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
@@ -78,30 +127,49 @@ class EncoderServer:
                      else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        self.health_server = None
+        if config.health_port is not None:
+            self.health_server = aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"could not bind the health port {config.host}:{config.health_port}")
+        self.metrics_port: int | None = None
+        self._watchdog: asyncio.Task | None = None
         self.stopped = asyncio.Event()
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
+        self.metrics.serving.set(status == health_pb2.HealthCheckResponse.SERVING)
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)
+            logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         logger.info("listening on %s:%d (NOT_SERVING until the models are warm)", self.config.host, self.port)
         encoders = self._preloaded if self._preloaded is not None else await asyncio.to_thread(self._load)
         for encoder in encoders:
             self.service.add(encoder)
         await self.service.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.config.gpu_timeout and self.config.gpu_timeout > 0:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch_workers(), name="gpu-watchdog")
         logger.info("serving %s", ", ".join(f"{e.name} ({e.family})" for e in encoders))
 
     def _load(self):
         dtype = parse_dtype(self.config.dtype, self.config.device)
+        options = {k: v for k, v in (("compile", self.config.compile), ("quantize", self.config.quantize),
+                                     ("cuda_graphs", self.config.cuda_graphs)) if v}
         encoders = []
         for spec in self.config.models:
             logger.info("loading the text encoders of %s", spec.source)
             encoders.append(get_encoder(spec.source, name=spec.name, family=spec.family,
-                                        device=self.config.device, dtype=dtype))
+                                        device=self.config.device, dtype=dtype, **options))
         return encoders
 
     async def stop(self, grace: float | None = None) -> None:
@@ -109,22 +177,69 @@ class EncoderServer:
         grace = self.config.grace if grace is None else grace
         logger.info("draining (grace %.1fs)", grace)
         self.service.draining = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        await self.health.enter_graceful_shutdown()  # pinned: nothing turns it back to SERVING
+        stopping = asyncio.ensure_future(self.server.stop(grace))  # refuses new calls from now on
+        # Health Watch streams (client-side health checks) never end on their own and would hold the
+        # drain for the whole grace period: wait for our calls only, then cut the rest.
+        deadline = time.monotonic() + grace
+        while self.metrics.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(0)
+        await stopping
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.service.close()
+        self.metrics.stop_http()
         self.stopped.set()
+
+    async def _watch_workers(self) -> None:
+        """NOT_SERVING while a model's worker has been inside one batch longer than --gpu-timeout (a
+        GPU that stopped answering): probes, load balancers and client health checks then move the
+        traffic elsewhere (and a liveness probe restarts the pod). SERVING again once it answers."""
+        timeout = self.config.gpu_timeout
+        while not self.service.draining:
+            for name, batcher in list(self.service.batchers.items()):
+                # The worker is one thread: a no-op queued on it runs as soon as the current batch ends.
+                probe = asyncio.ensure_future(batcher.run_in_worker(_noop))
+                done, _ = await asyncio.wait({probe}, timeout=timeout)
+                if done:
+                    continue
+                logger.error("model %r: a batch has been running for over %.0fs (--gpu-timeout); the device "
+                             "looks stuck, health is NOT_SERVING until it answers", name, timeout)
+                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                await asyncio.gather(probe, return_exceptions=True)
+                if self.service.draining:
+                    return
+                logger.warning("model %r answers again; health back to SERVING", name)
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            await asyncio.sleep(min(5.0, timeout / 4))
+
+    def reload_tokens(self) -> None:
+        if self.auth is not None:
+            self.auth.reload()
+        else:
+            logger.info("SIGHUP ignored: no --token-file to reload")
 
     async def run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: stopping or stopping.append(loop.create_task(self.stop())))
+        loop.add_signal_handler(signal.SIGHUP, self.reload_tokens)
         try:
             await self.start()
         except BaseException:
             await self.server.stop(0)
+            self.metrics.stop_http()
             raise
         await self.stopped.wait()
+
+
+def _noop() -> None:
+    return None
 
 
 def health_status(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> str:
@@ -134,28 +249,49 @@ def health_status(channel: grpc.Channel, service: str = "", timeout: float = 2.0
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+_SHARED_LOOP: asyncio.AbstractEventLoop | None = None
+_SHARED_LOOP_LOCK = threading.Lock()
+
+
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """One event loop thread for every in-process server: grpc.aio binds its completion-queue poller to a
+    single loop per process, and servers on several loops crash it (seen as a segfault in `server.stop`)."""
+    global _SHARED_LOOP
+    with _SHARED_LOOP_LOCK:
+        if _SHARED_LOOP is None:
+            _SHARED_LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_SHARED_LOOP.run_forever, daemon=True, name="promptcast-servers").start()
+        return _SHARED_LOOP
+
+
 class BackgroundServer:
-    """Run an `EncoderServer` on its own event loop in a daemon thread (demo, tests, notebooks).
+    """Run an `EncoderServer` on the process's server event loop, in a daemon thread (demo, tests, notebooks).
 
     Example: `with BackgroundServer(ServerConfig([ModelSpec(path)], port=0)) as server: server.port`.
     """
 
     def __init__(self, config: ServerConfig, **server_kwargs):
-        import threading
-
         self.config, self._kwargs = config, server_kwargs
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="promptcast-server")
+        self.loop = _shared_loop()
         self.server: EncoderServer | None = None
 
-    def start(self, timeout: float = 300) -> "BackgroundServer":
-        self._thread.start()
+    def begin(self) -> concurrent.futures.Future:
+        """Bind and start loading; `self.server` exists at once, the returned future completes once warm."""
+        created = threading.Event()
 
         async def boot():
             self.server = EncoderServer(self.config, **self._kwargs)
+            created.set()
             await self.server.start()
 
-        asyncio.run_coroutine_threadsafe(boot(), self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(boot(), self.loop)
+        while not created.wait(0.05):
+            if future.done():
+                future.result()  # the constructor failed: raise its error here
+        return future
+
+    def start(self, timeout: float = 300) -> "BackgroundServer":
+        self.begin().result(timeout)
         return self
 
     @property
@@ -167,10 +303,8 @@ class BackgroundServer:
         return f"{self.config.host}:{self.port}"
 
     def stop(self, grace: float = 0) -> None:
-        if self.server is not None:
+        if self.server is not None and not self.server.stopped.is_set():
             asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
 
     def __enter__(self):
         return self.start()

@@ -1,0 +1,112 @@
+"""Bearer-token authentication for the encoder server (`--token-file`).
+
+Every RPC except health checks and reflection must carry `authorization: Bearer <token>`, where
+the token is one line of the token file. Probes (kubelet, load balancers, `grpc_health_probe`)
+cannot send tokens, so health and reflection stay open; they reveal nothing but the status and
+the service names. The file is re-read on SIGHUP, so tokens rotate without a restart.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+logger = logging.getLogger(__name__)
+
+# Reachable without a token so that probes work.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def read_tokens(path: str | Path) -> list[bytes]:
+    """Tokens of a token file: one a line; blank lines and `#` comments are ignored."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip().encode() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+class TokenAuthInterceptor(aio.ServerInterceptor):
+    """Answers `UNAUTHENTICATED` to calls whose bearer token is missing or not in the token file.
+
+    Args:
+        token_file: path of the token file. It must hold at least one token at start-up.
+    """
+
+    def __init__(self, token_file: str | Path):
+        self.token_file = Path(token_file)
+        self._tokens = read_tokens(self.token_file)
+        if not self._tokens:
+            raise ValueError(f"--token-file {self.token_file} holds no token (one token a line; "
+                             "blank lines and # comments are ignored)")
+
+    def reload(self) -> int:
+        """Re-read the token file (SIGHUP). A file that cannot be read keeps the old tokens; an
+        empty file revokes them all, which is what an operator emptying it means."""
+        try:
+            tokens = read_tokens(self.token_file)
+        except (OSError, UnicodeDecodeError) as e:
+            logger.error("token reload failed, keeping the %d current tokens: %s", len(self._tokens), e)
+            return len(self._tokens)
+        if not tokens:
+            logger.warning("token file %s is empty: every authenticated call is now refused", self.token_file)
+        self._tokens = tokens
+        logger.info("reloaded %d tokens from %s", len(tokens), self.token_file)
+        return len(tokens)
+
+    def accepts(self, presented: bytes) -> bool:
+        # compare_digest against every token, without stopping at a match, so the time taken
+        # says nothing about which token (or how much of one) matched.
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(presented, token)
+        return matched
+
+    def _check(self, metadata) -> str | None:
+        """None when the call may proceed, else the reason it may not."""
+        values = [value for key, value in (metadata or ()) if key == "authorization"]
+        if not values:
+            return ("this server requires a token: send `authorization: Bearer <token>` metadata "
+                    "(--token or $PROMPTCAST_TOKEN on promptcast commands)")
+        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "the authorization metadata must be `Bearer <token>`"
+        if not self.accepts(token.strip().encode()):
+            return "the token was not accepted by this server (check --token / $PROMPTCAST_TOKEN)"
+        return None
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(OPEN_METHOD_PREFIXES):
+            return await continuation(handler_call_details)
+        reason = self._check(handler_call_details.invocation_metadata)
+        handler = await continuation(handler_call_details)
+        if reason is None or handler is None:
+            return handler
+        logger.warning("refused %s: %s", method, reason)
+        return _refusing_handler(handler, reason)
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that only answers UNAUTHENTICATED."""
+
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    async def refuse_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        yield  # pragma: no cover - makes this an async generator, as stream handlers are
+
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                    handler.response_serializer)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer,
+                                                   handler.response_serializer)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse, handler.request_deserializer,
+                                                    handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                 handler.response_serializer)

@@ -1,0 +1,298 @@
+"""Prometheus metrics (`--metrics-port`) and one structured log line per call, with a request id.
+
+Series (all prefixed `promptcast_`):
+
+| series | type | labels |
+| --- | --- | --- |
+| `requests_total` | counter | method, model, code |
+| `request_seconds` | histogram | method |
+| `requests_in_flight` | gauge | |
+| `queue_seconds` | histogram (oldest request of each batch) | |
+| `batch_size` | histogram (prompts per forward pass) | |
+| `encode_seconds` | histogram (forward pass of a batch) | |
+| `streamed_bytes_total` | counter (response bytes) | model |
+| `cache_hits_total`, `cache_misses_total` | counters (per prompt sent) | tier (hits) |
+| `queue_depth` | gauge, at scrape | model |
+| `serving` | gauge: 1 when health is SERVING | |
+| `gpu_memory_allocated_bytes`, `gpu_memory_reserved_bytes` | gauges, at scrape (CUDA only) | device |
+| `cache_tier_up` | gauge, at scrape, for tiers that can be down (Redis) | tier |
+| `cache_entries`, `cache_bytes` | gauges, at scrape | tier |
+
+The registry is private to the server, so two servers in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+import grpc
+from grpc import aio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from shared.promptcast.v1 import encoder_pb2 as pb
+
+logger = logging.getLogger("promptcast.requests")
+
+_CACHE_STATUS = {value: name.removeprefix("CACHE_STATUS_").lower() for name, value in pb.CacheStatus.items()}
+_TOKEN = re.compile(r"[A-Za-z0-9._:/@=-]{1,64}")  # what may go into a log line or a label unquoted
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    """The server's Prometheus series. `EmbeddingService(metrics=...)` feeds `observe_batch`;
+    `MetricsInterceptor` feeds the per-call series; the rest is read at scrape time."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("promptcast_requests", "RPCs by method, model and status code.",
+                                ["method", "model", "code"], registry=r)
+        self.request_seconds = Histogram("promptcast_request_seconds", "Whole RPC time on the server.",
+                                         ["method"], buckets=_SECONDS, registry=r)
+        self.in_flight = Gauge("promptcast_requests_in_flight", "RPCs being handled now.", registry=r)
+        self.queue_seconds = Histogram("promptcast_queue_seconds", "Wait of the oldest request of each batch "
+                                       "before its forward pass.", buckets=_SECONDS, registry=r)
+        self.batch_size = Histogram("promptcast_batch_size", "Prompts per forward pass.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.encode_seconds = Histogram("promptcast_encode_seconds", "Forward pass time of a batch.",
+                                        buckets=_SECONDS, registry=r)
+        self.streamed_bytes = Counter("promptcast_streamed_bytes", "Encode response bytes sent.", ["model"],
+                                      registry=r)
+        self.cache_hits = Counter("promptcast_cache_hits", "Prompts answered from a cache tier.", ["tier"],
+                                  registry=r)
+        self.cache_misses = Counter("promptcast_cache_misses", "Prompts that needed an encode.", registry=r)
+        self.serving = Gauge("promptcast_serving", "1 when health is SERVING.", registry=r)
+        self.service = None
+        self.active = 0  # promptcast calls being handled (what a drain waits for)
+        self._http = None
+        r.register(_ScrapeTimeCollector(self))
+
+    def bind(self, service) -> None:
+        """Read queue depths, devices and cache tiers from this `EmbeddingService` at scrape time."""
+        self.service = service
+
+    def observe_batch(self, batch_size: int, queue_seconds: float, encode_seconds: float) -> None:
+        """Called by the batcher (worker thread) after each forward pass."""
+        self.batch_size.observe(batch_size)
+        self.queue_seconds.observe(queue_seconds)
+        self.encode_seconds.observe(encode_seconds)
+
+    def model_label(self, requested: str) -> str:
+        # Only hosted names become label values: a client must not be able to grow the series set.
+        encoders = self.service.encoders if self.service is not None else {}
+        if not requested and len(encoders) == 1:
+            return next(iter(encoders))
+        return requested if requested in encoders else "unknown"
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve `/metrics` on `host:port` (0 picks a free port); returns the port."""
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _ScrapeTimeCollector:
+    """Values that are cheaper to read when Prometheus asks than to keep up to date."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []  # dynamic: keeps the registry from calling collect() at registration
+
+    def collect(self):
+        service = self.metrics.service
+        if service is None:
+            return
+        depth = GaugeMetricFamily("promptcast_queue_depth", "Requests waiting for a forward pass.",
+                                  labels=["model"])
+        for name, batcher in list(service.batchers.items()):
+            depth.add_metric([name], _queued(batcher))
+        yield depth
+        devices = sorted({str(e.device) for e in service.encoders.values() if e.device.type == "cuda"})
+        if devices:
+            import torch
+
+            allocated = GaugeMetricFamily("promptcast_gpu_memory_allocated_bytes",
+                                          "torch.cuda.memory_allocated per device.", labels=["device"])
+            reserved = GaugeMetricFamily("promptcast_gpu_memory_reserved_bytes",
+                                         "torch.cuda.memory_reserved per device.", labels=["device"])
+            for device in devices:
+                allocated.add_metric([device], torch.cuda.memory_allocated(device))
+                reserved.add_metric([device], torch.cuda.memory_reserved(device))
+            yield allocated
+            yield reserved
+        up = GaugeMetricFamily("promptcast_cache_tier_up", "1 while a cache tier that can fail (Redis) "
+                               "answers; 0 while it is skipped as down.", labels=["tier"])
+        entries = GaugeMetricFamily("promptcast_cache_entries", "Entries held by a cache tier.", labels=["tier"])
+        held = GaugeMetricFamily("promptcast_cache_bytes", "Bytes held by a cache tier.", labels=["tier"])
+        stats = service.cache.stats() if callable(getattr(service.cache, "stats", None)) else {}
+        for tier in getattr(service.cache, "tiers", []):
+            healthy = tier_health(tier)
+            if healthy is not None:
+                up.add_metric([tier.name], float(healthy))
+            tier_stats = stats.get(tier.name, {})
+            if "entries" in tier_stats:
+                entries.add_metric([tier.name], tier_stats["entries"])
+            if "bytes" in tier_stats:
+                held.add_metric([tier.name], tier_stats["bytes"])
+        yield from (up, entries, held)
+
+
+def _queued(batcher) -> float:
+    # Scrapes run on the HTTP thread while the event loop appends to the queue.
+    for _ in range(5):
+        try:
+            return batcher.queued
+        except RuntimeError:  # deque mutated during iteration: read it again
+            continue
+    return float("nan")
+
+
+def tier_health(tier) -> bool | None:
+    """True/False for tiers that track whether they are reachable (`healthy`), else None. Read
+    from the tier's own bookkeeping: a scrape never waits on the network."""
+    healthy = getattr(tier, "healthy", None)
+    if callable(healthy):
+        healthy = healthy()
+    return None if healthy is None else bool(healthy)
+
+
+def request_id(metadata) -> str:
+    """The caller's `x-request-id` when it is a sane token, else a fresh one."""
+    for key, value in metadata or ():
+        if key == "x-request-id":
+            value = value if isinstance(value, str) else value.decode("latin-1")
+            if _TOKEN.fullmatch(value):
+                return value
+    return uuid.uuid4().hex[:16]
+
+
+def _loggable(text: str) -> str:
+    # A client chooses the model name: quoted and cut when odd, so it cannot forge log lines.
+    return text if _TOKEN.fullmatch(text) else repr(text[:64])
+
+
+def _code_name(context) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+class MetricsInterceptor(aio.ServerInterceptor):
+    """Counts, times and logs every `promptcast.*` call. Installed outermost, so calls refused by
+    the token check are counted (as UNAUTHENTICATED) too."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        full_method = handler_call_details.method
+        if handler is None or not full_method.startswith("/promptcast."):
+            return handler
+        method = full_method.rsplit("/", 1)[-1]
+        rid = request_id(handler_call_details.invocation_metadata)
+        metrics = self.metrics
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                call = _CallRecord(metrics, method, rid, request, context)
+                try:
+                    async for message in inner_stream(request, context):
+                        call.saw(message)
+                        yield message
+                except (asyncio.CancelledError, GeneratorExit):
+                    call.code = "CANCELLED"
+                    raise
+                except aio.AbortError:
+                    raise
+                except Exception:
+                    call.code = "UNKNOWN"
+                    raise
+                finally:
+                    call.finish()
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                call = _CallRecord(metrics, method, rid, request, context)
+                try:
+                    return await inner(request, context)
+                except asyncio.CancelledError:
+                    call.code = "CANCELLED"
+                    raise
+                except aio.AbortError:
+                    raise
+                except Exception:
+                    call.code = "UNKNOWN"
+                    raise
+                finally:
+                    call.finish()
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                       handler.response_serializer)
+        return handler
+
+
+class _CallRecord:
+    """What one call did, turned into series and one log line when it ends."""
+
+    def __init__(self, metrics: ServerMetrics, method: str, rid: str, request, context):
+        self.metrics, self.method, self.rid, self.context = metrics, method, rid, context
+        self.requested_model = getattr(request, "model", "")
+        self.model = metrics.model_label(self.requested_model) if method == "Encode" else ""
+        self.prompts = len(getattr(request, "prompts", ()))
+        self.bytes = 0
+        self.cache: dict[str, int] = {}
+        self.streamed = metrics.streamed_bytes.labels(self.model) if method == "Encode" else None
+        self.code: str | None = None
+        self.started = time.perf_counter()
+        metrics.in_flight.inc()
+        metrics.active += 1
+        context.set_trailing_metadata((("x-request-id", rid),))
+
+    def saw(self, message) -> None:
+        size = message.ByteSize()
+        self.bytes += size
+        self.streamed.inc(size)  # as it goes: a long stream shows up before it ends
+        if message.WhichOneof("payload") == "header":
+            status = _CACHE_STATUS.get(message.header.cache_status, "unknown")
+            self.cache[status] = self.cache.get(status, 0) + 1
+
+    def finish(self) -> None:
+        m, seconds = self.metrics, time.perf_counter() - self.started
+        code = self.code or _code_name(self.context)
+        m.requests.labels(self.method, self.model, code).inc()
+        m.request_seconds.labels(self.method).observe(seconds)
+        for status, count in self.cache.items():
+            if status == "miss":
+                m.cache_misses.inc(count)
+            else:
+                m.cache_hits.labels(status).inc(count)
+        if self.method == "Encode":
+            cache = ",".join(f"{k}:{v}" for k, v in sorted(self.cache.items())) or "-"
+            logger.info("encode request_id=%s model=%s prompts=%d code=%s seconds=%.3f bytes=%d cache=%s peer=%s",
+                        self.rid, _loggable(self.requested_model or self.model), self.prompts, code, seconds,
+                        self.bytes, cache,
+                        self.context.peer())
+        m.in_flight.dec()  # last: in-flight 0 means every finished call is fully counted and logged
+        m.active -= 1
