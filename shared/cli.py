@@ -9,6 +9,7 @@ import sys
 
 import typer
 
+from denoiser_client import cache_cli, precompute
 from denoiser_client import cli as node
 from encoder_server import cli as server
 
@@ -17,8 +18,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 app.command("serve")(server.serve)
 app.command("models")(node.models)
 app.command("generate")(node.generate)
+app.command("batch")(node.batch)
 app.command("demo")(node.demo)
 app.command("make-tiny-model")(node.make_tiny_model)
+app.command("encode")(precompute.encode)
+app.add_typer(cache_cli.app, name="cache")
 
 
 def _setup_logging() -> None:

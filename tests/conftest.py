@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -15,6 +17,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers keep a disk cache by default (~/.cache/promptcast): give the session its own empty cache home, so a
+# rerun never finds the last run's embeddings (tiny models are deterministic, so their cache keys repeat).
+_CACHE_HOME = tempfile.mkdtemp(prefix="promptcast-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
 
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig, health_status  # noqa: E402
 from shared.tiny_models import make_tiny_model  # noqa: E402
