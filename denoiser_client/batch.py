@@ -179,14 +179,6 @@ def _remove_stale_temps(images: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _CallBuilder:
     """Pipeline call arguments from items; defaults resolved from the pipeline so results record real values."""
 
@@ -366,8 +358,7 @@ def _run_one(batch, pipe, builder, adapters, prefetcher, results, images, summar
         return
     for item, image in zip(batch, out):
         name = _image_name(item)
-        save_atomically(image, images / name)
-        _fsync_dir(images)  # the rename is durable before the line that points at it
+        save_atomically(image, images / name)  # renamed and the folder fsynced before the line that points at it
         record = {**item.source, "images": [f"{IMAGES}/{name}"], "key": item.key, "line": item.line,
                   "params": builder.used(item)}
         results.append(record)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from denoiser_client.errors import InvalidArgument
 from denoiser_client.pipeline import (Timings, handshake, load_denoiser, load_reference_images, negative_prompt_for,
                                      remote_embeddings, run_pipeline)
 from denoiser_client.remote import ModelInfo, RemoteTextEncoder
+from shared.atomic_files import write_atomically
 from shared.families import PIPELINE_FAMILIES
 from shared.prompts import prompt_text
 
@@ -53,26 +53,11 @@ def pick_encoder_model(encoder: RemoteTextEncoder, source: str, name: str | None
     raise InvalidArgument(f"the server hosts {sorted(models)} and none is named {guess!r}: pass --encoder-model")
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def save_atomically(image, out: str | os.PathLike) -> Path:
-    """Write to a temp file in the same folder, fsync, rename: never a partial image at `out`."""
+    """Save a PIL image so that `out` is never a partial image (temp file, fsync, rename)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; an image is for sharing like any file
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=(out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    image_format = (out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
+    return write_atomically(out, lambda f: image.save(f, format=image_format))
 
 
 def generate(encoder: RemoteTextEncoder, source: str, prompt: str, out: str | os.PathLike, *,

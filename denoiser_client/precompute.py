@@ -80,7 +80,7 @@ def export(client, jobs: list[Job], out: Path, *, model: str | None = None, max_
     """Encode `jobs` on the server and write one file per job into `out`; returns (index rows, problems)."""
     from safetensors.torch import save
 
-    from shared.disk_cache import write_atomically
+    from shared.atomic_files import write_atomically
 
     info = client.model_info(model)
     length = max_sequence_length or info.default_max_sequence_length

@@ -181,14 +181,14 @@ class EncoderServer:
             self._watchdog.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.enter_graceful_shutdown()  # pinned: nothing turns it back to SERVING
-        stopping = asyncio.ensure_future(self.server.stop(grace))  # refuses new calls from now on
-        # Health Watch streams (client-side health checks) never end on their own and would hold the
-        # drain for the whole grace period: wait for our calls only, then cut the rest.
+        # New Encode calls are refused (UNAVAILABLE) from here on by the draining service. Health Watch streams
+        # (client-side health checks) never end on their own and would hold a `server.stop(grace)` for the whole
+        # grace period: wait for our own calls only, then stop once. (One `stop` call only: two overlapping
+        # shutdowns of a grpc.aio server can crash its core.)
         deadline = time.monotonic() + grace
         while self.metrics.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(0)
-        await stopping
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.service.close()

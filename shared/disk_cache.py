@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from shared.atomic_files import write_atomically
 from shared.tensor_codec import DTYPE_NAMES, checksum, tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -96,28 +96,6 @@ def unpack(key: str, data: bytes) -> Tensors:
         if checksum(tensor_bytes(tensor)) != spec["checksum"]:
             raise CorruptEntry(f"tensor {name!r}: checksum mismatch (bit rot or tampering)")
     return tensors
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:16]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a folder; the rename itself is still atomic
 
 
 @dataclass

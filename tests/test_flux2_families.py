@@ -173,9 +173,14 @@ def test_missing_layer_weights_raise_source_error(tiny_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompts_2_is_rejected(encoders, family):
-    with pytest.raises(InvalidInput, match="prompts_2"):
-        encoders[family].encode(["a cat"], ["a dog"], 32)
+def test_prompts_2_is_rejected_before_any_work(encoders, family):
+    from encoder_server.service import EmbeddingService
+
+    service = EmbeddingService()
+    service.add(encoders[family])
+    assert not encoders[family].takes_prompt_2
+    with pytest.raises(InvalidInput, match="prompts_2 was given.*has one text encoder"):
+        service.validate(encoders[family], ["a cat"], ["a dog"], 32)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

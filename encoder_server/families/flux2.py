@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from encoder_server.errors import InvalidInput
-from encoder_server.families.base import Encoder, OutputSpec
-from encoder_server.families.truncated import TruncatedTextEncoder, load_tokenizer
+from encoder_server.families.truncated import StackedHiddenStatesEncoder
 
 # Mistral3ForConditionalGeneration checkpoints name the language model `language_model.model.` (what
 # transformers writes) or `model.language_model.` (its in-memory layout); the bare decoder has no prefix.
 MISTRAL3_TEXT_KEYS = {r"^language_model\.model\.": "", r"^model\.language_model\.": ""}
 
 
-class Flux2Encoder(Encoder):
+class Flux2Encoder(StackedHiddenStatesEncoder):
     r"""
     The text encoder of [`~diffusers.Flux2Pipeline`], cut after the last layer it reads.
 
@@ -34,45 +32,23 @@ class Flux2Encoder(Encoder):
     """
 
     family = "flux2"
-    encoder_folders = ("text_encoder", "tokenizer")
     # `Flux2Pipeline.encode_prompt`'s default `text_encoder_out_layers`.
     hidden_states_layers = (10, 20, 30)
+    key_mapping = MISTRAL3_TEXT_KEYS
 
     def __init__(self, name, source, device, dtype, **options):
         super().__init__(name, source, device, dtype, **options)
         from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-        # Straight onto the device, unless quantizing: bitsandbytes quantizes as weights move from the CPU.
-        self.text_encoder = self.prepare_module(TruncatedTextEncoder.from_pretrained(
-            source, self.hidden_states_layers, dtype=dtype, device=torch.device("cpu") if self.quantize else device,
-            key_mapping=MISTRAL3_TEXT_KEYS))
-        self.text_model = self.text_encoder.text_model
-        self.tokenizer = load_tokenizer(source)
         self.system_message = SYSTEM_MESSAGE
-        # `Flux2Pipeline.tokenizer_max_length`: diffusers' check_inputs sets no bound, but the pipeline and BFL's
-        # reference encoder pad to 512, the length the transformer was trained with.
-        self.default_max_sequence_length = self.max_sequence_length_limit = 512
-
-    @property
-    def outputs(self) -> list[OutputSpec]:
-        width = len(self.hidden_states_layers) * self.text_model.config.hidden_size
-        return [OutputSpec("prompt_embeds", self.text_model.dtype, (self.default_max_sequence_length, width),
-                           per_token=True)]
 
     def fingerprint_parts(self) -> dict:
-        return {**super().fingerprint_parts(), "hidden_states_layers": list(self.hidden_states_layers),
-                "system_message": self.system_message, "chat_template": self.tokenizer.chat_template,
-                "tokenizer_class": type(self.tokenizer).__name__,
-                "default_max_sequence_length": self.default_max_sequence_length,
-                "max_sequence_length_limit": self.max_sequence_length_limit}
+        return {**super().fingerprint_parts(), "system_message": self.system_message}
 
     @torch.inference_mode()
     def encode(self, prompts, prompts_2, max_sequence_length):
         from diffusers import Flux2Pipeline
 
-        if prompts_2:
-            raise InvalidInput(f"prompts_2 was given, but model {self.name!r} (FLUX.2) has one text encoder: "
-                               "send prompts only")
         # `Flux2Pipeline.encode_prompt` is this call plus `text_ids`, which the pipeline derives from the shape.
         prompt_embeds = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
             text_encoder=self.text_encoder, tokenizer=self.tokenizer, prompt=list(prompts), device=self.device,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from encoder_server.errors import SourceError
+from encoder_server.families.base import Encoder, OutputSpec
 from encoder_server.sources import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,41 @@ class TruncatedTextEncoder(nn.Module):
                     source.source, num_layers, full_layers, type(text_model).__name__, layers,
                     len(info["unexpected_keys"]))
         return cls(text_model.eval(), layers)
+
+
+class StackedHiddenStatesEncoder(Encoder):
+    """What both FLUX.2 families share: a `TruncatedTextEncoder`, its tokenizer, and an output of the
+    `hidden_states_layers` stacked per token to (B, L, len(layers) * hidden_size). Subclasses name the layers and
+    call their pipeline's own encode function in `encode`."""
+
+    encoder_folders = ("text_encoder", "tokenizer")
+    hidden_states_layers: tuple[int, ...]
+    # regex -> replacement from the checkpoint's tensor names to the bare decoder's (None: transformers' own)
+    key_mapping: dict[str, str] | None = None
+
+    def __init__(self, name, source, device, dtype, **options):
+        super().__init__(name, source, device, dtype, **options)
+        # Straight onto the device, unless quantizing: bitsandbytes quantizes as weights move from the CPU.
+        self.text_encoder = self.prepare_module(TruncatedTextEncoder.from_pretrained(
+            source, self.hidden_states_layers, dtype=dtype, device=torch.device("cpu") if self.quantize else device,
+            key_mapping=self.key_mapping))
+        self.text_model = self.text_encoder.text_model
+        self.tokenizer = load_tokenizer(source)
+        # The pipelines' `tokenizer_max_length`: their check_inputs set no bound, but they pad to 512, the length the
+        # transformer was trained with (BFL's reference encoders too).
+        self.default_max_sequence_length = self.max_sequence_length_limit = 512
+
+    @property
+    def outputs(self) -> list[OutputSpec]:
+        width = len(self.hidden_states_layers) * self.text_model.config.hidden_size
+        return [OutputSpec("prompt_embeds", self.text_model.dtype, (self.default_max_sequence_length, width),
+                           per_token=True)]
+
+    def fingerprint_parts(self) -> dict:
+        return {**super().fingerprint_parts(), "hidden_states_layers": list(self.hidden_states_layers),
+                "chat_template": self.tokenizer.chat_template, "tokenizer_class": type(self.tokenizer).__name__,
+                "default_max_sequence_length": self.default_max_sequence_length,
+                "max_sequence_length_limit": self.max_sequence_length_limit}
 
 
 def load_tokenizer(source: ModelSource):
