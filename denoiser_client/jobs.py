@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from denoiser_client.errors import InvalidArgument
+from denoiser_client.generate import GenerateOptions
+from shared.cache_keys import canonical_json
 from shared.prompts import prompt_text
 
 
@@ -26,20 +28,13 @@ class LoraRef:
 
 
 @dataclass
-class JobDefaults:
-    """The command line's values; `None` means the pipeline's own default."""
+class JobDefaults(GenerateOptions):
+    """The command line's values (`generate`'s options plus the job-wide ones); `None` means the pipeline's own
+    default."""
 
-    seed: int = 0
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    negative_prompt: str | None = None
-    true_cfg_scale: float | None = None
     loras: tuple[LoraRef, ...] = ()
     model: str = ""  # the model source and encoder model name go into every key: another model, another image
     encoder_model: str | None = None
-    max_sequence_length: int | None = None
 
 
 @dataclass
@@ -93,10 +88,9 @@ _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a l
 
 def item_key(defaults: JobDefaults, params: dict, item_id) -> str:
     """SHA-256 of everything that decides the image: same key, same image, done once."""
-    blob = json.dumps({"model": defaults.model, "encoder_model": defaults.encoder_model, "id": item_id,
-                       "max_sequence_length": defaults.max_sequence_length, **params},
-                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json({"model": defaults.model, "encoder_model": defaults.encoder_model,
+                                          "id": item_id, "max_sequence_length": defaults.max_sequence_length,
+                                          **params})).hexdigest()
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
