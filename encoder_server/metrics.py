@@ -24,6 +24,7 @@ The registry is private to the server, so two servers in one process (tests) nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -213,20 +214,10 @@ class MetricsInterceptor(aio.ServerInterceptor):
 
             async def unary_stream(request, context):
                 call = _CallRecord(metrics, method, rid, request, context)
-                try:
+                with _recorded(call):
                     async for message in inner_stream(request, context):
                         call.saw(message)
                         yield message
-                except (asyncio.CancelledError, GeneratorExit):
-                    call.code = "CANCELLED"
-                    raise
-                except aio.AbortError:
-                    raise
-                except Exception:
-                    call.code = "UNKNOWN"
-                    raise
-                finally:
-                    call.finish()
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
                                                         handler.response_serializer)
@@ -235,22 +226,29 @@ class MetricsInterceptor(aio.ServerInterceptor):
 
             async def unary_unary(request, context):
                 call = _CallRecord(metrics, method, rid, request, context)
-                try:
+                with _recorded(call):
                     return await inner(request, context)
-                except asyncio.CancelledError:
-                    call.code = "CANCELLED"
-                    raise
-                except aio.AbortError:
-                    raise
-                except Exception:
-                    call.code = "UNKNOWN"
-                    raise
-                finally:
-                    call.finish()
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
                                                        handler.response_serializer)
         return handler
+
+
+@contextlib.contextmanager
+def _recorded(call: "_CallRecord"):
+    """Give a call its final code (aborts carry their own) and record it, however the handler ends."""
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        call.code = "CANCELLED"
+        raise
+    except aio.AbortError:
+        raise
+    except Exception:
+        call.code = "UNKNOWN"
+        raise
+    finally:
+        call.finish()
 
 
 class _CallRecord:
