@@ -28,8 +28,17 @@ from shared.tiny_models import make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_flux1(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-flux1", "flux1")
+def tiny_models(tmp_path_factory):
+    """One tiny model folder per family, built once per session. Tests only read them: copy before changing."""
+    from shared.tiny_models import FAMILIES
+
+    root = tmp_path_factory.mktemp("models")
+    return {family: make_tiny_model(root / f"tiny-{family}", family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_flux1(tiny_models):
+    return tiny_models["flux1"]
 
 
 @pytest.fixture(scope="session")

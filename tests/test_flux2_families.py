@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 from encoder_server.errors import InvalidInput, SourceError
 from encoder_server.families import get_encoder
-from shared.tiny_models import make_tiny_model
 
 FAMILIES = {"flux2": ("Flux2Pipeline", "Flux2Encoder", 31), "flux2-klein": ("Flux2KleinPipeline", "Flux2KleinEncoder", 28)}
 PROMPTS = {
@@ -24,9 +23,8 @@ OVERLONG = "a futuristic city at night with neon signs and flying cars " * 20
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: make_tiny_model(root / family, family) for family in FAMILIES}
+def tiny_dirs(tiny_models):
+    return {family: tiny_models[family] for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from denoiser_client.generate import GenerateOptions, generate
 from denoiser_client.pipeline import handshake, load_denoiser, negative_prompt_for, remote_embeddings
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 from shared.prompts import prompt_text
-from shared.tiny_models import make_tiny_model
 from conftest import no_grad_encode
 
 PIPELINES = {"flux2": Flux2Pipeline, "flux2-klein": Flux2KleinPipeline}
@@ -21,9 +20,8 @@ STRUCTURED = {"scene": "a fox at dusk", "subjects": [{"type": "fox", "colour": "
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux2")
-    return {family: make_tiny_model(root / family, family) for family in PIPELINES}
+def models(tiny_models):
+    return {family: tiny_models[family] for family in PIPELINES}
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,8 @@ def digest(path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: make_tiny_model(root / family, family) for family in FAMILIES}
+def model_dirs(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
