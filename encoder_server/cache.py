@@ -123,20 +123,24 @@ class EmbeddingCache:
                 logger.exception("cache tier %s failed on get; treating as a miss", tier.name)
                 continue
             if tensors is not None:
-                for upper in self.tiers[:level]:
-                    if getattr(upper, "fast", False):
-                        self._put(upper, key, tensors)
-                    else:
-                        self._refill.submit(self._put, upper, key, tensors)
+                self._fill(self.tiers[:level], key, tensors)
                 return tensors, tier.name
         return None
 
     def put(self, key: str, tensors: Tensors) -> None:
-        for tier in self.tiers:
-            self._put(tier, key, tensors)
+        self._fill(self.tiers, key, tensors)
+
+    def _fill(self, tiers: list[CacheTier], key: str, tensors: Tensors) -> None:
+        """In-process tiers at once (a request that follows must find the entry); disk and Redis on the
+        background thread, so no answer waits for an fsync or a network round trip."""
+        for tier in tiers:
+            if getattr(tier, "fast", False):
+                self._put(tier, key, tensors)
+            else:
+                self._refill.submit(self._put, tier, key, tensors)
 
     def flush(self) -> None:
-        """Wait for the background refills queued so far (tests, shutdown)."""
+        """Wait for the background writes queued so far (tests, shutdown)."""
         self._refill.submit(lambda: None).result()
 
     @staticmethod

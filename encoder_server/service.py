@@ -71,6 +71,7 @@ class EmbeddingService:
     async def close(self) -> None:
         for batcher in self.batchers.values():
             await batcher.close()
+        await asyncio.to_thread(self.cache.flush)  # entries still being written to disk or Redis land
 
     def model(self, name: str | None) -> Encoder:
         if not name:
@@ -185,7 +186,8 @@ class EmbeddingService:
         task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, futures, embeddings) -> None:
-        """Cache, then answer: a request that follows this one's answer must find the entry."""
+        """Cache, then answer: a request that follows this one's answer must find the entry (memory is
+        filled before the answer; disk and Redis are written in the background)."""
         try:
             if self.cache.tiers:
                 await asyncio.to_thread(self._store, list(embeddings.values()))

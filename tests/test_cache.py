@@ -162,12 +162,14 @@ def test_damaged_disk_file_is_a_miss_recomputed_correctly_and_rewritten(tiny_flu
     with server(tiny_flux1, cache_mem=0, cache_dir=str(tmp_path)) as s, \
             RemoteTextEncoder(s.address, timeout=60) as client:
         _, first = client.encode(prompt, max_sequence_length=16, with_info=True)
+        s.server.service.cache.flush()  # disk is written in the background
         path = tier(s, "disk").path(first.cache_keys[0])
         assert first.cache_status == ["miss"] and path.is_file()
         damage(path, how)
         got, info = client.encode(prompt, max_sequence_length=16, with_info=True)
         assert info.cache_status == ["miss"] and tier(s, "disk").corrupt == 1
         assert_same(got, expected(reference, prompt, 16))
+        s.server.service.cache.flush()
         unpack(first.cache_keys[0], path.read_bytes())  # rewritten whole
         again, info = client.encode(prompt, max_sequence_length=16, with_info=True)
         assert info.cache_status == ["disk"]
@@ -179,6 +181,7 @@ def test_server_tiers_stay_under_their_bounds(tiny_flux1, tmp_path):
     with server(tiny_flux1, cache_mem=3 * one, cache_dir=str(tmp_path), cache_disk_max=4 * one + 4 * 600) as s, \
             RemoteTextEncoder(s.address, timeout=60) as client:
         client.encode([f"prompt number {n}" for n in range(8)], max_sequence_length=16)
+        s.server.service.cache.flush()  # disk is written in the background
         memory, disk = tier(s, "memory"), tier(s, "disk")
         assert 0 < memory.bytes <= memory.max_bytes and len(memory) == 3
         on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))

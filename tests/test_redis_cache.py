@@ -129,6 +129,7 @@ def expected(reference, prompt, max_sequence_length):
 def test_second_replica_serves_what_the_first_encoded_with_zero_encodes(replicas):
     (a, client_a), (b, client_b) = replicas
     encoded, info_a = client_a.encode("a fox shared by replicas", max_sequence_length=16, with_info=True)
+    a.server.service.cache.flush()  # disk and Redis are written in the background, just after the answer
     before = (stats(b).encodes, stats(b).prompts)
     served, info_b = client_b.encode("a fox shared by replicas", max_sequence_length=16, with_info=True)
     assert info_a.cache_status == ["miss"] and info_b.cache_status == ["redis"]
@@ -146,12 +147,14 @@ def test_second_replica_serves_what_the_first_encoded_with_zero_encodes(replicas
 def test_tampered_redis_value_is_a_miss_deleted_and_recomputed(replicas, shared_redis, reference, caplog):
     (a, client_a), (b, client_b) = replicas
     _, info = client_a.encode("a tampered owl", max_sequence_length=16, with_info=True)
+    a.server.service.cache.flush()
     name = PREFIX + info.cache_keys[0]
     value = bytearray(shared_redis.client().get(name))
     value[-5] ^= 0x01  # one bit of the tensor bytes
     shared_redis.client().set(name, bytes(value))
     before, corrupt = stats(b).prompts, redis_tier(b).corrupt
     got, info_b = client_b.encode("a tampered owl", max_sequence_length=16, with_info=True)
+    b.server.service.cache.flush()
     assert info_b.cache_status == ["miss"] and stats(b).prompts == before + 1
     assert redis_tier(b).corrupt == corrupt + 1 and "checksum mismatch" in caplog.text
     assert_same(got, expected(reference, "a tampered owl", 16))
@@ -165,6 +168,7 @@ def test_redis_value_written_for_another_key_is_a_miss(replicas, shared_redis, r
     source = dict(prompt=prompt, max_sequence_length=16) if other == "length" else \
         dict(prompt=prompt + " elsewhere", max_sequence_length=32)
     _, written = client_a.encode(source["prompt"], max_sequence_length=source["max_sequence_length"], with_info=True)
+    a.server.service.cache.flush()
     # The key b will look up (prompt at length 32), computed like the server does, holding the other entry.
     fingerprint = client_b.model_info(MODEL).fingerprint
     from shared.cache_keys import embedding_key
@@ -173,6 +177,7 @@ def test_redis_value_written_for_another_key_is_a_miss(replicas, shared_redis, r
     assert target != written.cache_keys[0]
     shared_redis.client().set(PREFIX + target, shared_redis.client().get(PREFIX + written.cache_keys[0]))
     got, info = client_b.encode(prompt, max_sequence_length=32, with_info=True)
+    b.server.service.cache.flush()
     assert info.cache_status == ["miss"] and info.cache_keys == [target]
     assert_same(got, expected(reference, prompt, 32))
     unpack(target, shared_redis.client().get(PREFIX + target))  # replaced by the right entry
