@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 
 from shared.promptcast.v1 import encoder_pb2 as pb
+from shared.tensor_codec import decode_response
 
 logger = logging.getLogger("promptcast.requests")
 
@@ -269,10 +270,13 @@ class _CallRecord:
         context.set_trailing_metadata((("x-request-id", rid),))
 
     def saw(self, message) -> None:
-        size = message.ByteSize()
+        if isinstance(message, bytes):  # serialized by the servicer; a chunk decodes to a view, without a copy
+            size, message = len(message), decode_response(message)
+        else:
+            size = message.ByteSize()
         self.bytes += size
         self.streamed.inc(size)  # as it goes: a long stream shows up before it ends
-        if message.WhichOneof("payload") == "header":
+        if not isinstance(message, memoryview) and message.WhichOneof("payload") == "header":
             status = _CACHE_STATUS.get(message.header.cache_status, "unknown")
             self.cache[status] = self.cache.get(status, 0) + 1
 

@@ -20,15 +20,12 @@ from encoder_server.families import get_encoder
 from encoder_server.interceptors import ErrorMappingInterceptor
 from encoder_server.metrics import MetricsInterceptor, ServerMetrics
 from encoder_server.service import EmbeddingService, Limits
-from encoder_server.servicer import TextEncoderServicer
+from encoder_server.servicer import SERVICE_NAME, TextEncoderServicer, add_to_server
 from shared.config import parse_dtype
 from shared.disk_cache import default_cache_dir
-from shared.promptcast.v1 import encoder_pb2 as pb
-from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     # Clients ping every 30s to find dead links (keepalive); without these the server would answer
@@ -118,7 +115,7 @@ class EncoderServer:
         chain = [MetricsInterceptor(self.metrics), *([self.auth] if self.auth else []), *interceptors,
                  ErrorMappingInterceptor()]
         self.server = aio.server(interceptors=chain, options=SERVER_OPTIONS)
-        pb_grpc.add_TextEncoderServicer_to_server(TextEncoderServicer(self.service), self.server)
+        add_to_server(TextEncoderServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)

@@ -1,11 +1,22 @@
-"""The gRPC `TextEncoder` service: protobuf in, one domain call, protobuf out."""
+"""The gRPC `TextEncoder` service: protobuf in, one domain call, protobuf out.
+
+`Encode` answers with messages serialized off the event loop: every prompt of a request is packed (CRC32, framing:
+`pack_embedding`) on a worker thread at once, in parallel, while the loop streams the ones already packed. The
+loop, which every client's stream shares, then only hands finished bytes to gRPC.
+"""
 
 from __future__ import annotations
+
+import asyncio
+
+import grpc
 
 from encoder_server.service import EmbeddingService, deadline_from, describe
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import DTYPE_NAMES, encode_embedding
+from shared.tensor_codec import DTYPE_NAMES, pack_embedding
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 
 CACHE_STATUS = {"miss": pb.CACHE_STATUS_MISS, "memory": pb.CACHE_STATUS_MEMORY, "disk": pb.CACHE_STATUS_DISK,
                 "redis": pb.CACHE_STATUS_REDIS}
@@ -30,7 +41,32 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         embeddings = await self.service.encode(
             request.model, list(request.prompts), list(request.prompts_2) or None, request.max_sequence_length,
             deadline=deadline_from(context.time_remaining()))
-        for index, embedding in enumerate(embeddings):
-            for message in encode_embedding(index, embedding.key, CACHE_STATUS[embedding.cache_status],
-                                            embedding.tensors, embedding.seconds):
-                yield message
+        packed = [asyncio.ensure_future(asyncio.to_thread(
+            pack_embedding, index, e.key, CACHE_STATUS[e.cache_status], e.tensors, e.seconds))
+            for index, e in enumerate(embeddings)]
+        try:
+            for prompt in packed:
+                for message in await prompt:
+                    yield message
+        finally:
+            for prompt in packed:
+                prompt.cancel()
+
+
+def _serialize_response(message: pb.EncodeResponse | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(servicer: TextEncoderServicer, server) -> None:
+    """What the generated `add_TextEncoderServicer_to_server` does, except that `Encode` may yield messages already
+    serialized (the bytes protobuf would write)."""
+    handlers = {
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
+            response_serializer=pb.ListModelsResponse.SerializeToString),
+        "Encode": grpc.unary_stream_rpc_method_handler(
+            servicer.Encode, request_deserializer=pb.EncodeRequest.FromString,
+            response_serializer=_serialize_response),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

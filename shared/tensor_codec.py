@@ -49,28 +49,71 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
 
 
-def tensor_spec(name: str, tensor: torch.Tensor, data: memoryview | None = None) -> pb.TensorSpec:
-    data = tensor_bytes(tensor) if data is None else data
-    return pb.TensorSpec(name=name, dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape),
-                         byte_length=data.nbytes, checksum=checksum(data))
-
-
-def iter_chunks(buffers: Sequence[memoryview], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Split each buffer into pieces of at most `chunk_bytes` (one copy into the message)."""
+def iter_chunks(buffers: Sequence[memoryview], chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    """Split each buffer into zero-copy pieces of at most `chunk_bytes`."""
     for data in buffers:
         for start in range(0, data.nbytes, chunk_bytes):
-            yield bytes(data[start:start + chunk_bytes])
+            yield data[start:start + chunk_bytes]
+
+
+# `EncodeResponse.chunk`: field number and wire type 2 (length-delimited), as protobuf writes its tag.
+_CHUNK_TAG = bytes([pb.EncodeResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3 | 2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def chunk_message(piece: memoryview) -> bytes:
+    """The serialized `EncodeResponse(chunk=piece)`, byte for byte what protobuf writes, built with one copy (protobuf
+    would copy the piece into the message, then the message into its serialization)."""
+    return b"".join((_CHUNK_TAG, _varint(piece.nbytes), piece))
+
+
+def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: checksum(tensor_bytes(t)) for name, t in tensors.items()}
+
+
+def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor], server_seconds: float = 0.0,
+                   sums: dict[str, str] | None = None, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
+    """One prompt's messages, serialized: its header, then its bytes in chunks. CRC32 and zlib release the GIL, so the
+    server packs prompts on worker threads in parallel and its event loop only hands the bytes to gRPC."""
+    buffers = {name: tensor_bytes(t) for name, t in tensors.items()}
+    sums = sums or {name: checksum(data) for name, data in buffers.items()}
+    specs = [pb.TensorSpec(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
+                           byte_length=buffers[name].nbytes, checksum=sums[name]) for name, t in tensors.items()]
+    header = pb.EncodeResponse(header=pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status,
+                                                         tensors=specs, server_seconds=server_seconds))
+    return [header.SerializeToString(), *map(chunk_message, iter_chunks(list(buffers.values()), chunk_bytes))]
 
 
 def encode_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor],
                      server_seconds: float = 0.0, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.EncodeResponse]:
-    """The messages for one prompt: its header, then its bytes."""
-    buffers = {name: tensor_bytes(t) for name, t in tensors.items()}
-    specs = [tensor_spec(name, tensors[name], buffers[name]) for name in tensors]
-    yield pb.EncodeResponse(header=pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status,
-                                                      tensors=specs, server_seconds=server_seconds))
-    for chunk in iter_chunks(list(buffers.values()), chunk_bytes):
-        yield pb.EncodeResponse(chunk=chunk)
+    """The messages for one prompt as protobuf objects (what `pack_embedding` serializes)."""
+    for message in pack_embedding(index, key, status, tensors, server_seconds, chunk_bytes=chunk_bytes):
+        yield pb.EncodeResponse.FromString(message)
+
+
+def decode_response(data: bytes) -> pb.EncodeResponse | memoryview:
+    """A client's response deserializer: a chunk message comes back as a zero-copy view of its payload (the assembler
+    copies it once, into its tensor), anything else as a parsed `EncodeResponse`."""
+    if data[:1] == _CHUNK_TAG:
+        length, offset, shift = 0, 1, 0
+        while offset < len(data) and offset < 11:
+            byte = data[offset]
+            length |= (byte & 0x7F) << shift
+            offset += 1
+            shift += 7
+            if not byte & 0x80:
+                if offset + length == len(data):
+                    return memoryview(data)[offset:]
+                break
+    return pb.EncodeResponse.FromString(data)
 
 
 def validate_spec(spec: pb.TensorSpec, max_bytes: int = MAX_TENSOR_BYTES) -> torch.dtype:
@@ -106,7 +149,11 @@ class EmbeddingAssembler:
         self._offset = 0
         self._current: pb.EmbeddingHeader | None = None
 
-    def feed(self, message: pb.EncodeResponse) -> None:
+    def feed(self, message: pb.EncodeResponse | memoryview) -> None:
+        """One message of the stream: an `EncodeResponse`, or a chunk's payload as `decode_response` gives it."""
+        if isinstance(message, memoryview):
+            self._write(message)
+            return
         kind = message.WhichOneof("payload")
         if kind == "header":
             self._start(message.header)
@@ -140,11 +187,11 @@ class EmbeddingAssembler:
             self._verify(*self._targets[self._target])
             self._target, self._offset = self._target + 1, 0
 
-    def _write(self, chunk: bytes) -> None:
+    def _write(self, chunk: bytes | memoryview) -> None:
         if self._current is None or self._target >= len(self._targets):
             raise PayloadError("received more bytes than the header announced")
         spec, view = self._targets[self._target]
-        end = self._offset + len(chunk)
+        end = self._offset + (chunk.nbytes if isinstance(chunk, memoryview) else len(chunk))
         if end > view.nbytes:
             raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: chunk overruns "
                                f"its {view.nbytes} bytes")

@@ -9,7 +9,8 @@ import torch
 
 from shared import protogen
 from shared.promptcast.v1 import encoder_pb2 as pb
-from shared.tensor_codec import CHUNK_BYTES, EmbeddingAssembler, PayloadError, encode_embedding
+from shared.tensor_codec import (CHUNK_BYTES, EmbeddingAssembler, PayloadError, decode_response, encode_embedding,
+                                 pack_embedding)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,31 @@ def test_roundtrip_in_chunks_of_at_most_1_mib(dtype):
     out = assembler.result()
     assert torch.equal(out["prompt_embeds"], torch.stack([r["prompt_embeds"] for r in rows]))
     assert torch.equal(out["pooled_prompt_embeds"], torch.stack([r["pooled_prompt_embeds"] for r in rows]))
+
+
+@pytest.mark.parametrize("numel", [0, 1, 63, 64, 8191, 8192, 2**19, 2**19 + 1])
+def test_packed_messages_are_the_bytes_protobuf_writes(numel):
+    """The server frames chunks itself (one copy instead of protobuf's two): the bytes must be protobuf's own, and the
+    client's view-decoder must give back exactly the payload."""
+    tensor = torch.randn(numel).to(torch.bfloat16)
+    packed = pack_embedding(3, "k" * 64, pb.CACHE_STATUS_MEMORY, {"prompt_embeds": tensor}, 0.25)
+    parsed = [pb.EncodeResponse.FromString(m) for m in packed]
+    assert [m.SerializeToString() for m in parsed] == packed
+    assert parsed[0].header.index == 3 and parsed[0].header.tensors[0].byte_length == 2 * numel
+    assert b"".join(m.chunk for m in parsed[1:]) == tensor.view(torch.uint8).numpy().tobytes()
+    for raw, message in zip(packed[1:], parsed[1:]):
+        view = decode_response(raw)
+        assert isinstance(view, memoryview) and view.tobytes() == message.chunk
+    assert decode_response(packed[0]) == parsed[0]
+
+
+def test_a_chunk_message_with_more_fields_is_parsed_by_protobuf():
+    """Anything but a bare chunk (here a chunk followed by a header field: protobuf's last-one-wins) goes to protobuf."""
+    chunk = pb.EncodeResponse(chunk=b"abc").SerializeToString()
+    header = pb.EncodeResponse(header=pb.EmbeddingHeader(index=1)).SerializeToString()
+    message = decode_response(chunk + header)
+    assert isinstance(message, pb.EncodeResponse) and message.WhichOneof("payload") == "header"
+    assert decode_response(chunk).tobytes() == b"abc"
 
 
 def test_header_claiming_wrong_size_is_rejected_before_allocating(monkeypatch):
