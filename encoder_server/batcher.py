@@ -292,7 +292,19 @@ class DynamicBatcher:
 
 
 def _to_cpu(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t.detach().to("cpu") for name, t in out.items()}
+    """The outputs on the host. From a GPU they are copied into pinned memory (PyTorch's caching host allocator reuses
+    its blocks), several times faster than a pageable copy: 128 MiB a FLUX.1 batch of 32."""
+    host, streams = {}, set()
+    for name, t in out.items():
+        t = t.detach()
+        if t.is_cuda:
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            streams.add(torch.cuda.current_stream(t.device))
+        else:
+            host[name] = t.to("cpu")
+    for stream in streams:
+        stream.synchronize()
+    return host
 
 
 def _empty_cache(device: torch.device) -> None:
