@@ -4,6 +4,9 @@ Each text encoder is a stack of identical blocks (T5Block, CLIPEncoderLayer, Mis
 Compiling the blocks rather than the whole model lets every layer reuse one compiled graph, so start-up compiles
 one layer's code instead of unrolling 24-40 of them, and the tokenizer and diffusers' glue stay eager and unchanged.
 
+Both together: the graphs are captured from the compiled blocks (Inductor's fused kernels, launched by a replay
+instead of by Python and the compiled code's guards).
+
 `--cuda-graphs`: each text encoder's forward is captured as a CUDA graph per padded batch size (`GRAPH_BUCKETS`) and
 input shape, and replayed. Eager T5-XXL launches ~1,100 kernels a forward from Python; in the server that Python
 competes for the GIL with the event loop, which serializes and streams 4-15 MiB a prompt, and the GPU starves (the
@@ -30,8 +33,6 @@ def check_acceleration(compile: bool, cuda_graphs: bool, device: torch.device) -
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device; this server runs on {device}: drop --cuda-graphs or "
                          "pass --device cuda")
-    if cuda_graphs and compile:
-        raise ValueError("--compile and --cuda-graphs are alternatives: pass one of them")
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:
@@ -47,6 +48,10 @@ def compile_repeated_blocks(module: nn.Module) -> int:
     """`torch.compile` each repeated block of `module` in place; returns how many. Compilation is lazy: the
     server's warm-up (`DynamicBatcher.warm_up`) runs the batch sizes in use before health turns SERVING."""
     blocks = repeated_blocks(module)
+    # One code object serves every block class (transformers' `GradientCheckpointingLayer.__call__`), and each
+    # (class, first layer or not, static or dynamic shapes) is a cache entry: T5's first block computes the position
+    # bias, the others take it. Past dynamo's default of 8 entries the rest would silently run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
         # dynamic=None: the first shape compiles static, the next one recompiles with dynamic batch and length,
         # after which every batch size shares that graph (the warm-up runs batch 1, 2 and the largest).

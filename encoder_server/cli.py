@@ -53,9 +53,11 @@ def serve(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoders' layers (compiled and "
                                           "warmed before the server reports SERVING).")] = False,
     quantize: Annotated[Optional[str], typer.Option(help="Quantize the large text encoder (CUDA only): int8 or nf4 "
-                                                    "(bitsandbytes), fp8 (torchao).")] = None,
+                                                    "(bitsandbytes), fp8 (torchao, float8 weights), fp8-dynamic "
+                                                    "(torchao, float8 weights and activations: float8 matmuls on "
+                                                    "Ada/Hopper).")] = None,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay the encoders as CUDA graphs (captured at "
-                                              "start-up per batch size; CUDA only).")] = False,
+                                              "start-up per batch size; CUDA only; combines with --compile).")] = False,
 ):
     """Run the encoder server: text encoders only, embeddings streamed over gRPC."""
     from encoder_server.server import EncoderServer, ModelSpec, ServerConfig

@@ -7,6 +7,9 @@
   scale, dequantized inside the (compilable) matmul. Chosen over diffusers' layerwise casting, which stores fp8 but
   upcasts each whole weight in a Python hook at every call (slower, and a diffusers-only hook on transformers
   modules), and over bitsandbytes (no fp8). torchao is the PyTorch team's maintained quantization library.
+- `fp8-dynamic`: torchao float8 weights *and* activations (`Float8DynamicActivationFloat8WeightConfig`, per-row
+  scales, activations scaled at each call): the matmuls run on the float8 tensor cores of Ada and Hopper GPUs (compute
+  capability 8.9 or newer) at about twice bf16's rate. The weight-only modes above save memory but compute in bf16.
 
 Only `nn.Linear` layers inside the encoder's repeated blocks are quantized (with bitsandbytes not a model's
 `_keep_in_fp32_modules`, as transformers does): embeddings, norms and T5's relative position bias stay in the server's
@@ -22,7 +25,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = {"int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao"}
+QUANTIZATIONS = {"int8": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao", "fp8-dynamic": "torchao"}
 
 
 def check_quantize(name: str | None, device: torch.device) -> None:
@@ -34,6 +37,11 @@ def check_quantize(name: str | None, device: torch.device) -> None:
     if device.type != "cuda":
         raise ValueError(f"--quantize {name} needs a CUDA device ({QUANTIZATIONS[name]} kernels); this server runs on "
                          f"{device}: drop --quantize or pass --device cuda")
+    if name == "fp8-dynamic" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"--quantize fp8-dynamic computes on float8 tensor cores (compute capability 8.9+: Ada, "
+                         f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: use "
+                         "--quantize fp8 (float8 weights, bf16 compute) instead")
     library = QUANTIZATIONS[name]
     try:
         __import__(library)
@@ -66,11 +74,18 @@ def quantize_module(module: nn.Module, name: str, device: torch.device, dtype: t
     if name in ("int8", "nf4"):
         module = _bitsandbytes(module, linears, name, dtype).to(device)  # bnb quantizes when weights reach the GPU
     else:
-        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
 
         module = module.to(device)
         targets = {id(linear) for _, _, linear in linears}
-        quantize_(module, Float8WeightOnlyConfig(), filter_fn=lambda m, _fqn: id(m) in targets)
+        config = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if name == "fp8-dynamic"
+                  else Float8WeightOnlyConfig())
+        quantize_(module, config, filter_fn=lambda m, _fqn: id(m) in targets)
     logger.info("%s: %d linear layers quantized to %s", type(module).__name__, len(linears), name)
     return module
 

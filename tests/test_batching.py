@@ -322,8 +322,10 @@ def test_compile_warms_up_at_start_and_stays_within_fp32_tolerance(tiny_flux1, e
 def test_quantize_and_cuda_graphs_on_cpu_are_refused_before_loading(tiny_flux1):
     with pytest.raises(ValueError, match="--quantize int8 needs a CUDA device"):
         get_encoder(str(tiny_flux1), quantize="int8")
-    with pytest.raises(ValueError, match="'int4' is not one of int8, nf4, fp8"):
+    with pytest.raises(ValueError, match="'int4' is not one of int8, nf4, fp8, fp8-dynamic"):
         get_encoder(str(tiny_flux1), quantize="int4")
+    with pytest.raises(ValueError, match="--quantize fp8-dynamic needs a CUDA device"):
+        get_encoder(str(tiny_flux1), quantize="fp8-dynamic")
     with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device"):
         get_encoder(str(tiny_flux1), cuda_graphs=True)
 
