@@ -35,6 +35,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a checkout, uninstalled
+sys.path.insert(0, str(ROOT / "bench"))
 
 WORDS = ("fox cat astronaut city river mountain neon portrait watercolor forest rain castle robot garden ocean desert "
          "lantern violin harbor dragon tram bakery glacier comet orchard").split()
@@ -98,9 +99,12 @@ def flux1_flops_per_prompt(encoder, length: int = 512) -> float:
 
 
 def flux2_encoder(device, dtype, tiny: bool, tokenizer_dir: pathlib.Path):
-    """A real `Flux2Encoder` around a random Mistral Small 3.1-shaped decoder cut at layer 30."""
+    """A real `Flux2Encoder`. Until `after_baseline()` its text encoder is the whole random Mistral Small 3.1-shaped
+    `Mistral3ForConditionalGeneration` (40 layers, lm_head, vision tower): what `Flux2Pipeline` runs, the baseline.
+    `after_baseline()` cuts that same model after layer 30, as the server loads it."""
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-    from transformers import MistralConfig, MistralModel
+    from flux2_encoder import mistral3_config
+    from transformers import Mistral3ForConditionalGeneration
 
     from encoder_server.families.base import Encoder
     from encoder_server.families.flux2 import Flux2Encoder
@@ -108,30 +112,41 @@ def flux2_encoder(device, dtype, tiny: bool, tokenizer_dir: pathlib.Path):
     from encoder_server.sources import resolve_source
 
     layers = Flux2Encoder.hidden_states_layers
-    if tiny:
-        config = MistralConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=max(layers),
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=4096,
-                               sliding_window=None)
-    else:
-        config = MistralConfig(hidden_size=5120, intermediate_size=32768, num_hidden_layers=max(layers),
-                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
-                               max_position_embeddings=131072, rope_theta=1e9, rms_norm_eps=1e-5, sliding_window=None)
     torch.manual_seed(0)
     with torch.device(device):
-        text_model = MistralModel._from_config(config, dtype=dtype).eval()
+        model = Mistral3ForConditionalGeneration._from_config(mistral3_config(tiny), dtype=dtype).eval()
     source = resolve_source(str(tokenizer_dir))
     encoder = Flux2Encoder.__new__(Flux2Encoder)
     Encoder.__init__(encoder, "flux2-dev-shaped", source, device, dtype)
-    encoder.text_encoder = TruncatedTextEncoder(text_model, layers)
-    encoder.text_model = text_model
+    encoder.text_encoder = model
     encoder.tokenizer = load_tokenizer(source)
     encoder.system_message = SYSTEM_MESSAGE
     encoder.default_max_sequence_length = encoder.max_sequence_length_limit = 512
+
+    def after_baseline():
+        language_model = model.model.language_model
+        del language_model.layers[max(layers):]
+        language_model.config.num_hidden_layers = max(layers)
+        encoder.text_encoder = TruncatedTextEncoder(language_model, layers)
+        encoder.text_model = language_model
+        del model.lm_head, model.model.vision_tower, model.model.multi_modal_projector
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    encoder.after_baseline = after_baseline
     return encoder
 
 
 def flux2_flops_per_prompt(encoder, length: int = 512) -> float:
-    c = encoder.text_model.config
+    """Matmul FLOPs of the 30 layers the pipeline reads (what diffusers computes beyond them is not counted)."""
+    from encoder_server.families.flux2 import Flux2Encoder
+
+    if hasattr(encoder, "text_model"):  # the server's truncated decoder
+        c = encoder.text_model.config
+    else:  # diffusers' whole Mistral3, before `after_baseline`
+        c = copy.copy(encoder.text_encoder.config.text_config)
+        c.num_hidden_layers = max(Flux2Encoder.hidden_states_layers)
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     layer = 2 * length * (2 * c.hidden_size * q + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size)
     return c.num_hidden_layers * (layer + 4 * length * length * q)
@@ -169,7 +184,7 @@ def diffusers_loop(encoder, seconds: float, tag: str) -> dict:
                     hidden_states_layers=encoder.hidden_states_layers)
             out.cpu()  # what the caller gets; synchronizes like the server's copy to the host does
 
-    for i in range(2):
+    for i in range(5):
         once(prompt(i, f"{tag}-warm"))
     latencies, start, i = [], time.perf_counter(), 0
     while time.perf_counter() - start < seconds or i < 3:
@@ -230,7 +245,10 @@ def server_levels(encoder, clients: list[int], seconds: float, pool, processes: 
                           max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_size * 512,
                           max_wait_ms=args.max_wait_ms, max_queue=4096, gpu_timeout=0)
     levels = {}
-    with BackgroundServer(config, encoders=[encoder]) as server:
+    # Start-up (warm-up) compiles and captures every batch bucket first: minutes with float8 and --compile.
+    server = BackgroundServer(config, encoders=[encoder])
+    try:
+        server.start(timeout=args.start_timeout)
         batcher = server.server.service.batchers[encoder.name]
         for n in clients:
             per = [n // processes + (k < n % processes) for k in range(min(processes, n))]
@@ -247,6 +265,8 @@ def server_levels(encoder, clients: list[int], seconds: float, pool, processes: 
             level["mean_batch_ms"] = round(1000 * busy / max(batches, 1), 1)
             levels[str(n)] = level
             print(f"  {tag} {n:>4} clients: {level}", flush=True)
+    finally:
+        server.stop()
     return levels
 
 
@@ -339,6 +359,8 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
     report["diffusers_batch1"] = base = diffusers_loop(encoder, args.seconds, f"{name}-diffusers")
     base["mfu"] = round(base["prompts_per_s"] * flops / 1e12 / peak, 3)
     print(f"  diffusers loop: {base}", flush=True)
+    if hasattr(encoder, "after_baseline"):
+        encoder.after_baseline()  # FLUX.2: from diffusers' whole Mistral3 to the server's truncated decoder
     report["direct"] = direct_batches(encoder, args.direct_batches, flops, peak)
 
     def served(label, clients):
@@ -351,42 +373,77 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
     report["server"] = served(name, args.clients)
     if name == "flux1" and args.quantize:
         report["quantized"] = quantized_variants(encoder, args, pool, processes, peak, flops)
-    if args.cuda_graphs and device.type == "cuda":
-        from encoder_server.acceleration import enable_cuda_graphs
-
-        prompts = [prompt(i, "graphs") for i in range(7)]
-        eager = {n: embeds(encoder, prompts[:n]) for n in (4, 3)}
-        for module in encoder_modules(encoder):
-            enable_cuda_graphs(module)
-        encoder.cuda_graphs = True
+    fidelity_prompts = [prompt(i, "variant") for i in range(8)]
+    eager = embeds(encoder, fidelity_prompts)
+    report["accelerated"] = {}
+    for variant in args.accelerated if device.type == "cuda" else []:
         start = time.perf_counter()
-        report["server_cuda_graphs"] = served(f"{name}-graphs", args.clients)
-        report["cuda_graphs_s"] = round(time.perf_counter() - start, 1)
-        # Batch 4 replays the graph captured at 4 rows: the same kernels as eager at 4 rows, so bit for bit. Batch 3
-        # is padded to 4: other matmul shapes than eager at 3, so within bf16 rounding.
-        graphed = {n: embeds(encoder, prompts[:n]) for n in (4, 3)}
-        report["cuda_graphs_parity"] = {
-            "batch4_bit_identical": bool(torch.equal(eager[4], graphed[4])),
-            "batch3_padded_max_abs_diff": (eager[3] - graphed[3]).abs().max().item(),
-            "batch3_padded_cosine_min": fidelity(eager[3], graphed[3])["cosine_min"]}
-        print(f"  cuda graphs parity: {report['cuda_graphs_parity']}", flush=True)
-        for module in encoder_modules(encoder):
-            del module.forward  # back to the class's eager forward
-        encoder.cuda_graphs = False
-    if args.compile:
-        from encoder_server.acceleration import compile_repeated_blocks
-
-        for module in encoder_modules(encoder):
-            compile_repeated_blocks(module)
-        encoder.compile = True
-        start = time.perf_counter()
-        report["server_compiled"] = served(f"{name}-compiled", [32])
-        report["compile_warm_up_and_run_s"] = round(time.perf_counter() - start, 1)
+        try:
+            undo = accelerate(encoder, variant)
+        except Exception as e:  # noqa: BLE001 - a library missing here must not lose the other variants
+            report["accelerated"][variant] = {"status": f"failed: {type(e).__name__}: {e}"[:300]}
+            print(f"  {variant}: failed: {e!r}", flush=True)
+            continue
+        try:
+            levels = served(f"{name}-{variant}", args.clients)  # the server's warm-up compiles and captures
+        except Exception as e:  # noqa: BLE001 - e.g. a start-up past --start-timeout: keep what was measured
+            report["accelerated"][variant] = {"status": f"failed: {type(e).__name__}: {e}"[:300]}
+            print(f"  {variant}: failed: {e!r}", flush=True)
+            undo()
+            continue
+        try:
+            # Against eager bf16 at batch 8: compile and fp8 change the kernels; graphs replay eager's at a bucket.
+            result = {"levels": levels, **fidelity(eager, embeds(encoder, fidelity_prompts)),
+                      "direct": direct_batches(encoder, args.direct_batches, flops, peak)}
+        finally:
+            undo()
+        result["setup_and_run_s"] = round(time.perf_counter() - start, 1)
+        report["accelerated"][variant] = result
     encoder = None  # frees the weights before the next family is built
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return report
+
+
+def accelerate(encoder, variant: str):
+    """Set the encoder up as `promptcast serve` does for `variant`: '+'-joined `graphs` (--cuda-graphs), `compile`
+    (--compile) and a --quantize mode, applied to the large text encoder (T5 / Mistral; FLUX.1's CLIP stays bf16).
+    Returns a function that puts the eager bf16 encoder back."""
+    from encoder_server.acceleration import compile_repeated_blocks, enable_cuda_graphs, repeated_blocks
+    from encoder_server.quantize import QUANTIZATIONS, quantize_module
+
+    parts = variant.split("+")
+    unknown = [p for p in parts if p not in ("graphs", "compile", *QUANTIZATIONS)]
+    if unknown:
+        raise ValueError(f"unknown acceleration {unknown} in {variant!r}")
+    holder, attr = (encoder.pipe, "text_encoder_2") if hasattr(encoder, "pipe") else (encoder, "text_encoder")
+    bf16 = getattr(holder, attr)
+    quantize = next((p for p in parts if p in QUANTIZATIONS), None)
+    if quantize:
+        setattr(holder, attr, quantize_module(copy.deepcopy(bf16), quantize, encoder.device, encoder.dtype))
+    if "compile" in parts:
+        for module in encoder_modules(encoder):
+            compile_repeated_blocks(module)
+    if "graphs" in parts:
+        for module in encoder_modules(encoder):
+            enable_cuda_graphs(module)
+    encoder.quantize, encoder.compile, encoder.cuda_graphs = quantize, "compile" in parts, "graphs" in parts
+    vars(encoder).pop("_fingerprint", None)
+
+    def undo():
+        for module in encoder_modules(encoder):
+            vars(module).pop("forward", None)  # back to the class's eager forward
+            for block in repeated_blocks(module):
+                block._compiled_call_impl = None
+        setattr(holder, attr, bf16)
+        encoder.quantize, encoder.compile, encoder.cuda_graphs = None, False, False
+        vars(encoder).pop("_fingerprint", None)
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    return undo
 
 
 def encoder_modules(encoder):
@@ -398,7 +455,7 @@ def encoder_modules(encoder):
 def table(report: dict) -> str:
     lines = [f"{report['device']}  matmul peak {report['matmul_peak_tflops']:.0f} TFLOP/s (bf16 "
              f"{report['matmul_n']}^3)  max_batch_size {report['max_batch_size']}  max_wait_ms {report['max_wait_ms']}",
-             f"{'model':8} {'path':22} {'prompts/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'MFU':>6} {'x diffusers':>12} "
+             f"{'model':8} {'path':34} {'prompts/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'MFU':>6} {'x diffusers':>12} "
              f"{'batch':>6}"]
     for family, res in report["families"].items():
         if "skipped" in res:
@@ -407,13 +464,16 @@ def table(report: dict) -> str:
         b = res["diffusers_batch1"]
         lines.append(f"{family:8} encoder alone (no server): " + ", ".join(
             f"batch {n} {d['prompts_per_s']:.1f} prompts/s ({d['mfu']:.0%} MFU)" for n, d in res["direct"].items()))
-        lines.append(f"{family:8} {'diffusers loop, b1':22} {b['prompts_per_s']:>10.2f} {b['p50_ms']:>8.1f} "
+        lines.append(f"{family:8} {'diffusers loop, b1':34} {b['prompts_per_s']:>10.2f} {b['p50_ms']:>8.1f} "
                      f"{b['p99_ms']:>8.1f} {b['mfu']:>6.1%} {'1.00x':>12} {1:>6}")
-        rows = [(f"server, {n} clients", lvl) for n, lvl in res["server"].items()]
-        rows += [(f"graphs, {n} clients", lvl) for n, lvl in res.get("server_cuda_graphs", {}).items()]
-        rows += [(f"compiled, {n} clients", lvl) for n, lvl in res.get("server_compiled", {}).items()]
+        rows = [(f"server (eager), {n} clients", lvl) for n, lvl in res["server"].items()]
+        for variant, acc in res.get("accelerated", {}).items():
+            rows += [(f"{variant}, {n} clients", lvl) for n, lvl in acc.get("levels", {}).items()]
+            if "direct" in acc:
+                lines.append(f"{family:8} {variant} alone (no server): " + ", ".join(
+                    f"batch {n} {d['prompts_per_s']:.1f} prompts/s" for n, d in acc["direct"].items()))
         for label, lvl in rows:
-            lines.append(f"{family:8} {label:22} {lvl['prompts_per_s']:>10.2f} {lvl['p50_ms']:>8.1f} "
+            lines.append(f"{family:8} {label:34} {lvl['prompts_per_s']:>10.2f} {lvl['p50_ms']:>8.1f} "
                          f"{lvl['p99_ms']:>8.1f} {lvl['mfu']:>6.1%} {lvl['x_diffusers']:>11.2f}x "
                          f"{lvl['mean_batch']:>6.1f}")
         for q, qres in res.get("quantized", {}).items():
@@ -437,14 +497,14 @@ def main():
     parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 5, tiny 1.5)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
-    parser.add_argument("--quantize", nargs="*", default=["int8", "nf4", "fp8"])
-    parser.add_argument("--compile", action="store_true", help="also measure --compile at 32 clients (slow start)")
-    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                        help="skip the --cuda-graphs measurement")
+    parser.add_argument("--quantize", nargs="*", default=["int8", "nf4", "fp8", "fp8-dynamic"])
+    parser.add_argument("--start-timeout", type=float, default=900, help="seconds a server may take to warm up")
+    parser.add_argument("--accelerated", nargs="*", default=["graphs", "compile+graphs", "fp8-dynamic+compile+graphs"],
+                        help="server set-ups also measured (CUDA): '+'-joined graphs, compile and a --quantize mode")
     parser.add_argument("--families", nargs="+", default=["flux1", "flux2"])
     parser.add_argument("--fidelity-prompts", type=int, default=16)
     parser.add_argument("--direct-batches", type=int, nargs="*", default=[1, 16, 32])
-    parser.add_argument("--processes", type=int, default=4, help="client processes (threads share them)")
+    parser.add_argument("--processes", type=int, default=8, help="client processes (threads share them)")
     args = parser.parse_args()
     args.seconds = args.seconds or (1.5 if args.tiny else 5.0)
     device = torch.device("cpu" if args.tiny else "cuda")

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Run benchmarks on the GPU machine: `bash bench/run_on_gpu.sh NAME [NAME...]`.
 # Installs the carried wheels (.whl/: diffusers, transformers, grpcio, protobuf... that the machine lacks or has
-# too old) into /tmp/site, then runs each bench/NAME.py writing bench/results/NAME.json (and a copy under $OUT).
+# too old; build/quant_whl/: bitsandbytes and torchao for the --quantize measurements, where carried) into /tmp/site,
+# then runs each bench/NAME.py writing bench/results/NAME.json (and a copy under $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    $(ls build/quant_whl/*.whl 2>/dev/null) \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 else
@@ -20,7 +22,7 @@ mkdir -p bench/results
 status=0
 for name in "$@"; do
   echo "=== $name"
-  python3 "bench/$name.py" --out "bench/results/$name.json" 2>&1 | tee "${OUT:-/tmp}/$name.log" || status=1
+  python3 "bench/$name.py" --out "bench/results/$name.json" ${BENCH_ARGS:-} 2>&1 | tee "${OUT:-/tmp}/$name.log" || status=1
   [ -n "${OUT:-}" ] && cp "bench/results/$name.json" "$OUT/" 2>/dev/null
 done
 exit $status

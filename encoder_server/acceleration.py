@@ -53,9 +53,10 @@ def compile_repeated_blocks(module: nn.Module) -> int:
     # bias, the others take it. Past dynamo's default of 8 entries the rest would silently run eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
-        # dynamic=None: the first shape compiles static, the next one recompiles with dynamic batch and length,
-        # after which every batch size shares that graph (the warm-up runs batch 1, 2 and the largest).
-        block.compile()
+        # dynamic=True: one graph with symbolic batch and length serves every batch size (batch 1 is specialized:
+        # dynamo always does for size 1). dynamic=None would first compile a static graph for the first batch size,
+        # a compilation that float8 (`--quantize fp8-dynamic`) makes minutes long, and then the dynamic one anyway.
+        block.compile(dynamic=True)
     logger.info("compiling %d blocks of %s (%s attention)", len(blocks), type(module).__name__,
                 attention_report(module))
     return len(blocks)
@@ -71,7 +72,7 @@ def attention_report(module: nn.Module) -> str:
 
 
 def warm_up_batch_sizes(max_rows: int, cuda_graphs: bool = False) -> list[int]:
-    """Batch sizes the warm-up runs. Compiled: 1 (static graph), 2 (the dynamic one) and the largest batch. CUDA graphs:
+    """Batch sizes the warm-up runs. Compiled: 1 (its specialized graph), 2 (the dynamic one) and the largest batch. CUDA graphs:
     every bucket up to the largest batch, largest first (later captures reuse its memory pool)."""
     if cuda_graphs:
         return sorted({b for b in GRAPH_BUCKETS if b < max_rows} | {graph_bucket(max_rows) or max_rows}, reverse=True)
