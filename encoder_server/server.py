@@ -115,7 +115,8 @@ class EncoderServer:
         chain = [MetricsInterceptor(self.metrics), *([self.auth] if self.auth else []), *interceptors,
                  ErrorMappingInterceptor()]
         self.server = aio.server(interceptors=chain, options=SERVER_OPTIONS)
-        add_to_server(TextEncoderServicer(self.service), self.server)
+        self.servicer = TextEncoderServicer(self.service)
+        add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
@@ -189,6 +190,7 @@ class EncoderServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.service.close()
+        self.servicer.close()
         self.metrics.stop_http()
         self.stopped.set()
 

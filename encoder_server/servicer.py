@@ -8,6 +8,8 @@ loop, which every client's stream shares, then only hands finished bytes to gRPC
 from __future__ import annotations
 
 import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -29,9 +31,18 @@ def model_info(encoder, max_prompts_per_call: int) -> pb.ModelInfo:
     return pb.ModelInfo(**info, outputs=outputs, max_prompts_per_call=max_prompts_per_call)
 
 
+# Packing is CRC32 (no GIL) and one copy per MiB (with it): a few threads saturate it, and every thread more would
+# only contend for the GIL with the event loop and the model's worker thread.
+PACKING_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
 class TextEncoderServicer(pb_grpc.TextEncoderServicer):
     def __init__(self, service: EmbeddingService):
         self.service = service
+        self.packers = ThreadPoolExecutor(PACKING_THREADS, thread_name_prefix="pack")
+
+    def close(self) -> None:
+        self.packers.shutdown(wait=False, cancel_futures=True)
 
     async def ListModels(self, request, context):
         limit = self.service.limits.max_prompts_per_call
@@ -41,9 +52,9 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         embeddings = await self.service.encode(
             request.model, list(request.prompts), list(request.prompts_2) or None, request.max_sequence_length,
             deadline=deadline_from(context.time_remaining()))
-        packed = [asyncio.ensure_future(asyncio.to_thread(
-            pack_embedding, index, e.key, CACHE_STATUS[e.cache_status], e.tensors, e.seconds))
-            for index, e in enumerate(embeddings)]
+        loop = asyncio.get_running_loop()
+        packed = [loop.run_in_executor(self.packers, pack_embedding, index, e.key, CACHE_STATUS[e.cache_status],
+                                       e.tensors, e.seconds) for index, e in enumerate(embeddings)]
         try:
             for prompt in packed:
                 for message in await prompt:
