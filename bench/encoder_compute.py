@@ -6,7 +6,7 @@ bench/encoder_throughput.py). The encoders are the benchmark's real-shape random
 Mistral Small 3.1 cut at layer 30 behind a `Flux2Encoder`), so every path runs the family's own `encode`: tokenizer,
 forward, diffusers' post-processing. Throughput is prompts per second of `encode` plus the copy to the host.
 
-    python bench/encoder_compute.py --out bench/results/encoder_compute.json      # CUDA, about 5 min
+    python bench/encoder_compute.py --families flux1 --out bench/results/encoder_compute_flux1.json  # CUDA, ~5 min
     python bench/encoder_compute.py --tiny --out /tmp/encoder_compute.json       # CPU smoke test (eager only)
 """
 
@@ -67,7 +67,7 @@ def measure(encoder, label, sizes, flops, peak, reference, prompts, iters) -> di
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench/results/encoder_compute.json")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench/results/encoder_compute_flux1.json")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--families", nargs="+", default=["flux1", "flux2"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32])
