@@ -330,6 +330,15 @@ def test_quantize_and_cuda_graphs_on_cpu_are_refused_before_loading(tiny_flux1):
         get_encoder(str(tiny_flux1), cuda_graphs=True)
 
 
+def test_compile_and_cuda_graphs_combine():
+    """The fastest set-up measured (bench/encoder_throughput.py): graphs captured from the compiled blocks."""
+    from encoder_server.acceleration import check_acceleration
+
+    check_acceleration(compile=True, cuda_graphs=True, device=torch.device("cuda"))  # no error: they combine
+    with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device"):
+        check_acceleration(compile=True, cuda_graphs=True, device=torch.device("cpu"))
+
+
 def test_serve_quantize_on_cpu_fails_with_one_clear_line(tiny_flux1):
     from conftest import run_cli
 
