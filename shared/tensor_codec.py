@@ -75,18 +75,14 @@ def chunk_message(piece: memoryview) -> bytes:
     return b"".join((_CHUNK_TAG, _varint(piece.nbytes), piece))
 
 
-def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {name: checksum(tensor_bytes(t)) for name, t in tensors.items()}
-
-
 def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor], server_seconds: float = 0.0,
-                   sums: dict[str, str] | None = None, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
+                   chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
     """One prompt's messages, serialized: its header, then its bytes in chunks. CRC32 and zlib release the GIL, so the
     server packs prompts on worker threads in parallel and its event loop only hands the bytes to gRPC."""
     buffers = {name: tensor_bytes(t) for name, t in tensors.items()}
-    sums = sums or {name: checksum(data) for name, data in buffers.items()}
     specs = [pb.TensorSpec(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
-                           byte_length=buffers[name].nbytes, checksum=sums[name]) for name, t in tensors.items()]
+                           byte_length=buffers[name].nbytes, checksum=checksum(buffers[name]))
+             for name, t in tensors.items()]
     header = pb.EncodeResponse(header=pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status,
                                                          tensors=specs, server_seconds=server_seconds))
     return [header.SerializeToString(), *map(chunk_message, iter_chunks(list(buffers.values()), chunk_bytes))]
@@ -95,7 +91,7 @@ def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.T
 def encode_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor],
                      server_seconds: float = 0.0, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.EncodeResponse]:
     """The messages for one prompt as protobuf objects (what `pack_embedding` serializes)."""
-    for message in pack_embedding(index, key, status, tensors, server_seconds, chunk_bytes=chunk_bytes):
+    for message in pack_embedding(index, key, status, tensors, server_seconds, chunk_bytes):
         yield pb.EncodeResponse.FromString(message)
 
 
