@@ -287,8 +287,9 @@ class DynamicBatcher:
         on the device, so the CPU never scans the bytes)."""
         self.stats.encodes += 1
         out = self.encoder.encode(prompts, prompts_2, max_sequence_length)
-        finite = {name: torch.isfinite(t).flatten(1).all(1).cpu() for name, t in out.items() if t.is_floating_point()}
-        return _to_cpu(out), finite
+        finite = {name: torch.isfinite(t).flatten(1).all(1) for name, t in out.items() if t.is_floating_point()}
+        host = _to_cpu({**out, **{f"finite:{name}": ok for name, ok in finite.items()}})  # one sync for all
+        return {name: host[name] for name in out}, {name: host[f"finite:{name}"] for name in finite}
 
 
 def _to_cpu(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

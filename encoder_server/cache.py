@@ -96,6 +96,11 @@ class EmbeddingCache:
         self.tiers = tiers
         self._refill = ThreadPoolExecutor(1, thread_name_prefix="cache-refill")
 
+    @property
+    def has_slow_tiers(self) -> bool:
+        """Whether a lookup can need I/O (disk, Redis): then it belongs on a worker thread."""
+        return any(not getattr(tier, "fast", False) for tier in self.tiers)
+
     def get_fast(self, key: str) -> tuple[Tensors, str] | None:
         """Look only in the in-process tiers (no I/O): safe to call on the event loop."""
         for tier in self.tiers:

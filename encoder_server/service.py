@@ -118,17 +118,25 @@ class EmbeddingService:
         keys = [embedding_key(encoder.fingerprint, max_sequence_length, p, None if prompts_2 is None else prompts_2[i])
                 for i, p in enumerate(prompts)]
         results: dict[str, Embedding] = {}
-        for key in dict.fromkeys(keys):
+        unique = list(dict.fromkeys(keys))
+        for key in unique:  # memory: on the loop, no thread hop
             started = time.perf_counter()
-            hit = await self._lookup(key)
-            if hit is not None:
-                results[key] = Embedding(key, hit[1], hit[0], time.perf_counter() - started)
-        # A flight can finish (cached, then forgotten) while our lookup ran in its thread: re-check the in-process
-        # tier now, on the loop, so that prompt is not encoded a second time.
-        for key in [k for k in dict.fromkeys(keys) if k not in results and k not in self._in_flight]:
             hit = self.cache.get_fast(key)
             if hit is not None:
-                results[key] = Embedding(key, hit[1], hit[0], 0.0)
+                results[key] = Embedding(key, hit[1], hit[0], time.perf_counter() - started)
+        slow = [k for k in unique if k not in results and k not in self._in_flight]
+        if slow and self.cache.has_slow_tiers:
+            started = time.perf_counter()
+            hits = await asyncio.to_thread(lambda: {key: self.cache.get(key) for key in slow})  # disk, Redis: one hop
+            for key, hit in hits.items():
+                if hit is not None:
+                    results[key] = Embedding(key, hit[1], hit[0], time.perf_counter() - started)
+            # A flight can finish (cached, then forgotten) while that lookup ran in its thread: re-check the
+            # in-process tier now, on the loop, so that prompt is not encoded a second time.
+            for key in [k for k in unique if k not in results and k not in self._in_flight]:
+                hit = self.cache.get_fast(key)
+                if hit is not None:
+                    results[key] = Embedding(key, hit[1], hit[0], 0.0)
         todo = [i for i, key in enumerate(keys) if key not in results and keys.index(key) == i]
         mine = [i for i in todo if keys[i] not in self._in_flight]
         own = None
@@ -151,11 +159,6 @@ class EmbeddingService:
             for job in jobs:
                 job.leave()
         return [results[key] for key in keys]
-
-    async def _lookup(self, key: str):
-        if not self.cache.tiers:
-            return None
-        return await asyncio.to_thread(self.cache.get, key)
 
     def _start_flight(self, encoder, keys, prompts, prompts_2, max_sequence_length, deadline) -> EncodeJob:
         if deadline is not None and time.monotonic() >= deadline:

@@ -18,6 +18,7 @@ import re
 import struct
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,13 +121,9 @@ class DiskTier:
         self.corrupt = 0  # entries found damaged or foreign, and deleted
         self._lock = threading.Lock()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._sizes: dict[str, int] = {}
-        self._atimes: dict[str, float] = {}
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # key -> bytes, least recently used first
+        self.bytes = 0  # their total, kept as entries come and go
         self._scan()
-
-    @property
-    def bytes(self) -> int:
-        return sum(self._sizes.values())
 
     def __len__(self) -> int:
         return len(self._sizes)
@@ -138,6 +135,7 @@ class DiskTier:
 
     def _scan(self) -> None:
         stale_before = time.time() - 3600
+        found = []
         for path in self.directory.glob("*/*"):
             try:
                 stat = path.stat()
@@ -145,10 +143,11 @@ class DiskTier:
                     if stat.st_mtime < stale_before:  # left by a writer that crashed an hour ago or more
                         path.unlink(missing_ok=True)
                 elif path.name.endswith(SUFFIX) and _KEY.match(path.name[:-len(SUFFIX)]):
-                    key = path.name[:-len(SUFFIX)]
-                    self._sizes[key], self._atimes[key] = stat.st_size, stat.st_mtime
+                    found.append((stat.st_mtime, path.name[:-len(SUFFIX)], stat.st_size))
             except OSError:
                 continue
+        for _, key, size in sorted(found):
+            self._record(key, size)
         self._evict()
 
     def get(self, key: str) -> Tensors | None:
@@ -170,41 +169,37 @@ class DiskTier:
             os.utime(path, (now, now))
         except OSError:
             pass
-        with self._lock:
-            self._sizes[key], self._atimes[key] = len(data), now
+        self._record(key, len(data))
         return tensors
 
     def put(self, key: str, tensors: Tensors) -> None:
         data = pack(key, tensors)
         if len(data) > self.max_bytes:
             return
-        path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
-        write_atomically(path, data)
-        with self._lock:
-            self._sizes[key], self._atimes[key] = len(data), time.time()
+        write_atomically(self.path(key), data)  # makes the key's subfolder
+        self._record(key, len(data))
         self._evict()
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
         self._forget(key)
 
+    def _record(self, key: str, size: int) -> None:
+        """`key` holds `size` bytes and was just used (the most recent entry)."""
+        with self._lock:
+            self.bytes += size - self._sizes.pop(key, 0)
+            self._sizes[key] = size
+
     def _forget(self, key: str) -> None:
         with self._lock:
-            self._sizes.pop(key, None)
-            self._atimes.pop(key, None)
+            self.bytes -= self._sizes.pop(key, 0)
 
     def _evict(self) -> None:
+        victims = []
         with self._lock:
-            total = sum(self._sizes.values())
-            if total <= self.max_bytes:
-                return
-            victims = []
-            for key in sorted(self._atimes, key=self._atimes.__getitem__):
-                if total <= self.max_bytes:
-                    break
-                total -= self._sizes.pop(key)
-                self._atimes.pop(key)
+            while self.bytes > self.max_bytes and self._sizes:
+                key, size = self._sizes.popitem(last=False)
+                self.bytes -= size
                 victims.append(key)
         for key in victims:
             self.path(key).unlink(missing_ok=True)
@@ -256,5 +251,5 @@ class DiskTier:
             removed, freed = removed + 1, freed + size
         with self._lock:
             self._sizes.clear()
-            self._atimes.clear()
+            self.bytes = 0
         return removed, freed

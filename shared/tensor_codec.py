@@ -187,7 +187,7 @@ class EmbeddingAssembler:
         if self._current is None or self._target >= len(self._targets):
             raise PayloadError("received more bytes than the header announced")
         spec, view = self._targets[self._target]
-        end = self._offset + (chunk.nbytes if isinstance(chunk, memoryview) else len(chunk))
+        end = self._offset + len(chunk)  # a chunk's view from `decode_response` is flat bytes: len is nbytes
         if end > view.nbytes:
             raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: chunk overruns "
                                f"its {view.nbytes} bytes")
