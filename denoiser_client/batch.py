@@ -371,7 +371,8 @@ def run_batch_command(encoder, job_file, out_dir, source: str, *, defaults: JobD
     from denoiser_client.generate import pick_encoder_model
     from denoiser_client.pipeline import handshake, load_denoiser
 
-    read_job_file(job_file, defaults, shard=options.shard, strict=options.strict)  # --strict fails before loading
+    if options.strict:  # a bad line fails the job before minutes of loading (otherwise it is a failed item)
+        read_job_file(job_file, defaults, shard=options.shard, strict=True)
     info = pick_encoder_model(encoder, source, defaults.encoder_model)  # also: the server is reachable
     pipe, family = load_denoiser(source, device=device, dtype=dtype, vram=vram)
     handshake(pipe, family, info)

@@ -125,7 +125,9 @@ def _absolute(path: str, base: Path | None) -> str:
     return str(p if p.is_absolute() else (base or Path.cwd()) / p)
 
 
-def _prompt_text(obj: dict) -> str:
+def prompt_of(obj: dict) -> str:
+    """The prompt of a job line: `prompt` (an object is sent as its compact JSON text), else the last user turn of
+    DataFlow `conversations`. Raises ValueError saying what is missing."""
     if "conversations" in obj and "prompt" not in obj:
         turns = obj["conversations"]
         if not isinstance(turns, list):
@@ -178,7 +180,7 @@ def parse_line(text: str, line: int, defaults: JobDefaults, base: Path) -> JobIt
     if not isinstance(obj, dict):
         raise ValueError(f"a line must be a JSON object, not {type(obj).__name__}")
     _check_types(obj)
-    prompt = _prompt_text(obj)
+    prompt = prompt_of(obj)
     pick = lambda name, default: default if obj.get(name) is None else obj[name]  # noqa: E731
     width, height = pick("width", defaults.width), pick("height", defaults.height)
     for name, value in (("width", width), ("height", height)):

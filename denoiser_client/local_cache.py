@@ -61,6 +61,9 @@ class LocalEmbeddingCache:
                                        "reloaded, or another promptcast version); refreshing its model list",
                                        remote.target)
                 self.tier.put(remote.cache_keys[j], rows[i])
-        out = {name: torch.stack([rows[i][name] for i in range(len(prompts))]) for name in rows[0]}
+        if len(missing) == len(prompts):  # all from the server: already one batch, in order
+            out = tensors
+        else:
+            out = {name: torch.stack([rows[i][name] for i in range(len(prompts))]) for name in rows[0]}
         return out, EncodeInfo(status, server_keys, remote.bytes_received, time.perf_counter() - started,
                                remote.server_seconds, remote.target, remote.attempts)

@@ -117,23 +117,23 @@ class LoraAdapters:
         self.active: tuple[LoraRef, ...] = ()
         self.switches = 0
 
-    def check(self, refs: Iterable[LoraRef]) -> None:
-        """Check every distinct file (before any denoising); raises `LoraError` naming the first bad one."""
+    def check(self, refs: Iterable[LoraRef]) -> dict[str, dict]:
+        """Check every distinct file not yet loaded (before any denoising); raises `LoraError` naming the first bad
+        one. Returns each checked file's state dict (diffusers' format) by path."""
         if not hasattr(self.pipe, "load_lora_weights"):
             raise LoraError(f"{type(self.pipe).__name__} cannot load LoRAs")
-        for path in dict.fromkeys(ref.path for ref in refs):
-            if path not in self.names:
-                check_lora_file(self.pipe, path)
+        return {path: check_lora_file(self.pipe, path)
+                for path in dict.fromkeys(ref.path for ref in refs) if path not in self.names}
 
     def load(self, refs: Iterable[LoraRef]) -> None:
         """Check, then load every file not yet loaded, each as its own adapter."""
         refs = list(refs)
-        self.check(refs)  # every file, before the first is loaded
+        checked = self.check(refs)  # every file, before the first is loaded
         for path in dict.fromkeys(ref.path for ref in refs):
             if path not in self.names:
                 name = adapter_name(path)
                 self.pipe.load_lora_weights(path, adapter_name=name, use_safetensors=True)
-                _keep_lora_precision(self.pipe, name, check_lora_file(self.pipe, path))
+                _keep_lora_precision(self.pipe, name, checked.pop(path))
                 self.names[path] = name
                 logger.info("loaded LoRA %s as adapter %r", path, name)
         if refs and not self.active:  # loading activates the new adapter: keep the base model until asked

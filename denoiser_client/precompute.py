@@ -22,6 +22,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from denoiser_client.cli import EncoderOpt, TimeoutOpt, TlsCaOpt, TlsCertOpt, TlsKeyOpt, TokenOpt, _client
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,13 +47,12 @@ def parse_job(line_no: int, text: str) -> Job:
         raise JobError(f"line {line_no}: not JSON ({e})") from None
     if not isinstance(record, dict):
         raise JobError(f"line {line_no}: expected a JSON object, got {type(record).__name__}")
-    prompt = record.get("prompt")
-    if prompt is None and isinstance(record.get("conversations"), list):
-        turns = [t.get("content") for t in record["conversations"] if isinstance(t, dict) and t.get("role") == "user"]
-        prompt = turns[-1] if turns else None
-    if not isinstance(prompt, str):
-        raise JobError(f"line {line_no}: no prompt: give \"prompt\": \"...\" or a \"conversations\" list with a "
-                       "user turn")
+    from denoiser_client.jobs import prompt_of
+
+    try:
+        prompt = prompt_of(record)  # the same rules as `promptcast batch`, so exported keys match its requests
+    except ValueError as e:
+        raise JobError(f"line {line_no}: no prompt: {e}") from None
     extra = {}
     for field in ("prompt_2", "negative_prompt"):
         value = record.get(field)
@@ -140,7 +141,7 @@ def export(client, jobs: list[Job], out: Path, *, model: str | None = None, max_
 
 
 def encode(
-    encoder: Annotated[str, typer.Option("--encoder", "-e", help="host:port, a comma list, or dns:///name:port.")],
+    encoder: EncoderOpt,
     out: Annotated[Path, typer.Option(help="Folder for one safetensors file per prompt plus index.jsonl/index.json.")],
     input: Annotated[Optional[Path], typer.Argument(help="Job file: JSONL lines {\"prompt\": ...} (optional prompt_2, "
                                                     "negative_prompt) or DataFlow {\"conversations\": [...]}.")
@@ -152,13 +153,13 @@ def encode(
     max_sequence_length: Annotated[Optional[int], typer.Option(help="Text tokens (default: the server model's).")
                                    ] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per server call.")] = 16,
-    token: Annotated[Optional[str], typer.Option(help="Bearer token (default: $PROMPTCAST_TOKEN).")] = None,
-    tls_ca: Annotated[Optional[Path], typer.Option(help="CA certificate (PEM) of a TLS server.")] = None,
-    timeout: Annotated[float, typer.Option(help="Deadline of each server call, in seconds.")] = 300.0,
+    token: TokenOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    timeout: TimeoutOpt = 300.0,
 ):
     """Precompute embeddings (warming the server's cache) and export them as safetensors for plain diffusers."""
-    from denoiser_client.remote import RemoteTextEncoder
-
     if input is None and not prompt:
         raise typer.BadParameter("give a job file (INPUT.jsonl) or at least one --prompt", param_hint="INPUT")
     jobs, problems = [Job(0, p) for p in prompt or []], []
@@ -170,7 +171,7 @@ def encode(
     for problem in problems:
         typer.echo(f"{input}: {problem}", err=True)
     if jobs:
-        with RemoteTextEncoder(encoder, token=token, tls_ca=tls_ca, timeout=timeout) as client:
+        with _client(encoder, token, tls_ca, timeout, tls_cert=tls_cert, tls_key=tls_key) as client:
             _, failed = export(client, jobs, out, model=encoder_model, max_sequence_length=max_sequence_length,
                                batch_size=batch_size, echo=typer.echo)
         for problem in failed:
