@@ -27,6 +27,16 @@ from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig, hea
 from shared.tiny_models import make_tiny_model  # noqa: E402
 
 
+def wait_for(predicate, timeout=20.0, interval=0.05):
+    """Poll `predicate` until it holds (True) or `timeout` seconds pass (False): assert on the result."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """One tiny model folder per family, built once per session. Tests only read them: copy before changing."""

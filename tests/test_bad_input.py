@@ -52,14 +52,6 @@ def test_mismatched_transformer_is_refused_at_the_handshake(tiny_flux1, client):
     handshake(pipe, family, real)  # the real one fits
 
 
-def test_cli_against_an_unreachable_server_prints_one_line():
-    result = run_cli("models", "--encoder", f"127.0.0.1:{free_port()}", "--timeout", "2", timeout=120)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "no encoder server answered" in lines[0], result.stderr
-
-
 def test_generate_against_an_unreachable_server_prints_one_line(tiny_flux1, tmp_path):
     result = run_cli("generate", "--encoder", f"127.0.0.1:{free_port()}", "--model", tiny_flux1, "--prompt", "x",
                      "--out", tmp_path / "x.png", "--timeout", "2")
@@ -82,7 +74,7 @@ def test_serve_with_a_folder_that_is_not_a_model_exits_clearly(tmp_path):
 
 def test_no_pickle_torch_load_or_eval_on_data_paths():
     """RELIABILITY row 22: nothing that reads network or cache bytes may unpickle or eval."""
-    pattern = re.compile(r"pickle\.loads?|torch\.load\(|(^|[^.a-z_])eval\(|cloudpickle|marshal\.loads")
+    pattern = re.compile(r"import pickle|pickle\.|torch\.load\(|(^|[^.a-z_])eval\(|cloudpickle|marshal\.loads")
     hits = []
     for package in ("encoder_server", "denoiser_client", "shared"):
         for path in (ROOT / package).rglob("*.py"):

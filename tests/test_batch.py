@@ -270,10 +270,8 @@ def test_quantize_fp8_on_cpu_stores_float8_and_never_loads_text_encoders(tiny_fl
     assert np.abs(got - want).mean() < 0.1  # float8 weights: close to the fp32 image, not equal
 
 
-def test_a_flux2_klein_job_with_a_structured_prompt(tmp_path):
-    from shared.tiny_models import make_tiny_model
-
-    model = make_tiny_model(tmp_path / "tiny-klein", "flux2-klein")
+def test_a_flux2_klein_job_with_a_structured_prompt(tiny_models, tmp_path):
+    model = tiny_models["flux2-klein"]  # read only: the server and the node load it
     structured = {"scene": "a lake at dawn", "subjects": [{"type": "heron"}], "style": "ink"}
     job = write_job(tmp_path / "job.jsonl", [{"prompt": structured, "id": "heron"}, {"prompt": "a plain fox"}])
     pipe, _ = load_denoiser(str(model))

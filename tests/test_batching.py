@@ -25,6 +25,8 @@ from encoder_server.service import Limits
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
 
+from conftest import wait_for
+
 LENGTH = 64  # max_sequence_length of every request here: small keeps the CPU encodes fast
 
 
@@ -204,14 +206,10 @@ def test_cancelled_stream_frees_its_slot(server, encoder):
                                                                       max_sequence_length=LENGTH))))
         time.sleep(0.2)
         call = stub.Encode(pb.EncodeRequest(prompts=["cancelled while queued"], max_sequence_length=LENGTH))
-        deadline = time.monotonic() + 5
-        while batcher.queued == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: batcher.queued != 0, timeout=5, interval=0.01)
         assert batcher.queued == 1
         call.cancel()
-        deadline = time.monotonic() + 5
-        while batcher.queued and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: batcher.queued == 0, timeout=5, interval=0.01)
         assert batcher.queued == 0  # freed at once, while the worker is still busy
         with pytest.raises(grpc.RpcError) as cancelled:
             list(call)

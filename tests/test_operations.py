@@ -17,7 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli, wait_for
 from denoiser_client import RemoteTextEncoder, errors
 from encoder_server.families import get_encoder
 from encoder_server.server import (SERVICE_NAME, BackgroundServer, ModelSpec, ServerConfig,
@@ -63,15 +63,6 @@ def boot_in_background(config, encoders):
     """Start an `EncoderServer` on its own loop without waiting for it to be warm."""
     background = BackgroundServer(config, encoders=encoders)
     return background, background.begin()
-
-
-def wait_for(predicate, timeout=20.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def test_metrics_endpoint_serves_series_that_change_after_a_request(tiny_flux1, tmp_path, caplog):
@@ -333,6 +324,7 @@ def test_all_replicas_down_cli_prints_one_line():
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and targets in lines[0], result.stderr
+    assert "no encoder server answered" in lines[0], result.stderr
 
 
 class _Status(grpc.RpcError):

@@ -141,10 +141,11 @@ def test_flux2_sized_embedding_streams_through_default_limits(tiny_flux1):
     with default gRPC limits, checksums verified. The encoder is the real tiny FLUX.1 one with its T5 output
     widened to FLUX.2-dev's width, since a 15360-wide Mistral does not fit a CI machine."""
     from denoiser_client import RemoteTextEncoder
-    from encoder_server.families import get_encoder
+    from encoder_server.families import family_class
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
+    from encoder_server.sources import resolve_source
 
-    class WideEncoder(type(get_encoder(str(tiny_flux1)))):
+    class WideEncoder(family_class("flux1")):
         def fingerprint_parts(self):  # other bytes, other cache keys
             return {**super().fingerprint_parts(), "widened_to": 15360}
 
@@ -153,7 +154,7 @@ def test_flux2_sized_embedding_streams_through_default_limits(tiny_flux1):
             t5 = out["prompt_embeds"]  # (B, L, 48) -> (B, L, 15360), deterministic in the prompt
             return {"prompt_embeds": t5.repeat(1, 1, 320).to(torch.bfloat16)}
 
-    wide = WideEncoder("wide", get_encoder(str(tiny_flux1)).source, torch.device("cpu"), torch.float32)
+    wide = WideEncoder("wide", resolve_source(str(tiny_flux1)), torch.device("cpu"), torch.float32)
     with BackgroundServer(ServerConfig([ModelSpec(str(tiny_flux1))], port=0), encoders=[wide]) as server:
         with RemoteTextEncoder(server.address) as client:
             out, info = client.encode(["a fox", "a cat"], with_info=True)

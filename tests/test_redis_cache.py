@@ -15,7 +15,8 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from conftest import BackgroundServer, ModelSpec, ServerConfig, free_port, health_status, no_grad_encode
+from conftest import (BackgroundServer, ModelSpec, ServerConfig, free_port, health_status, no_grad_encode,
+                      wait_for)
 from denoiser_client import RemoteTextEncoder
 from shared.disk_cache import unpack
 
@@ -202,12 +203,10 @@ def test_redis_killed_mid_run_keeps_serving_and_reconnects(tiny_flux1, tmp_path,
 
         thread = threading.Thread(target=traffic)
         thread.start()
-        while len(served) < 5:
-            time.sleep(0.01)
+        assert wait_for(lambda: len(served) >= 5, timeout=60), failures
         r.kill()
         killed_at = len(served)
-        while len(served) < killed_at + 10:
-            time.sleep(0.01)
+        assert wait_for(lambda: len(served) >= killed_at + 10, timeout=60), failures
         with grpc.insecure_channel(s.address) as channel:
             assert health_status(channel) == "SERVING"
         assert not tier.healthy and tier.errors >= 1

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, wait_for
 from denoiser_client import RemoteTextEncoder
 from denoiser_client import errors
 from encoder_server.auth import TokenAuthInterceptor
@@ -241,8 +241,6 @@ def test_token_file_reloaded_on_sighup(server_process, tiny_flux1, tmp_path):
     assert accepted("old-token") and not accepted("new-token")
     tokens.write_text("# rotated\nnew-token\n")
     server.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while accepted("old-token") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: not accepted("old-token"), timeout=20, interval=0.1)
     assert accepted("new-token") and not accepted("old-token")
     assert server.proc.poll() is None  # SIGHUP reloads, it does not stop the server

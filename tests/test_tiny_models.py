@@ -137,16 +137,16 @@ def test_reuse_does_not_rewrite(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp or old siblings left behind
 
 
-def test_refuses_to_clobber_other_content(tmp_path):
+def test_refuses_to_clobber_other_content(model_dirs, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         make_tiny_model(tmp_path / "notes", "flux1")
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
-    path = make_tiny_model(tmp_path / "klein", "flux2-klein")
+    path = model_dirs["flux2-klein"]
     with pytest.raises(FileExistsError):
-        make_tiny_model(path, "flux1")  # a complete model, but of another family
+        make_tiny_model(path, "flux1")  # a complete model, but of another family (refused before any write)
     assert json.loads((path / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
 
     (tmp_path / "empty").mkdir()
