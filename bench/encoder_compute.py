@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from encoder_throughput import (accelerate, fidelity, flux1_encoder, flux1_flops_per_prompt, flux2_encoder,  # noqa: E402
+from encoder_throughput import (accelerate, embeds, fidelity, flux1_encoder, flux1_flops_per_prompt, flux2_encoder,  # noqa: E402
                                 flux2_flops_per_prompt, matmul_peak, prompt, sync)
 
 
@@ -43,14 +43,9 @@ def rate(encoder, size: int, iters: int) -> float:
     return size * iters / (time.perf_counter() - start)
 
 
-def outputs(encoder, prompts):
-    return torch.cat([encoder.encode(prompts[i:i + 8], None, 512)["prompt_embeds"].float().cpu()
-                      for i in range(0, len(prompts), 8)])
-
-
 def measure(encoder, label, sizes, flops, peak, reference, prompts, iters) -> dict:
     start = time.perf_counter()
-    got = outputs(encoder, prompts)  # the first call compiles / captures at batch 8
+    got = embeds(encoder, prompts)  # the first call compiles / captures at batch 8
     result = {"first_call_s": round(time.perf_counter() - start, 1), **fidelity(reference, got),
               "bit_identical": bool(torch.equal(reference, got))}
     for size in sizes:
@@ -94,7 +89,7 @@ def main():
                 encoder.after_baseline()  # FLUX.2: the server's truncated decoder, not diffusers' whole model
             flops = flops_of(encoder)
             prompts = [prompt(i, "fidelity") for i in range(16)]
-            reference = outputs(encoder, prompts)
+            reference = embeds(encoder, prompts)
             res = report["families"][family] = {"tflop_per_prompt": round(flops / 1e12, 3)}
             print(f"{family}: {flops / 1e12:.2f} TFLOP a prompt", flush=True)
             res["eager"] = measure(encoder, "eager", args.sizes, flops, peak, reference, prompts, args.iters)

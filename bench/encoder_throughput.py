@@ -39,6 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a checkout, uninstalled
 sys.path.insert(0, str(ROOT / "bench"))
 
+from flux2_encoder import mistral3_config, sync  # noqa: E402 - the sibling benchmark's model shapes and helpers
+
 WORDS = ("fox cat astronaut city river mountain neon portrait watercolor forest rain castle robot garden ocean desert "
          "lantern violin harbor dragon tram bakery glacier comet orchard").split()
 
@@ -46,11 +48,6 @@ WORDS = ("fox cat astronaut city river mountain neon portrait watercolor forest 
 def prompt(i: int, tag: str) -> str:
     words = " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(12))
     return f"{tag} {i}: a detailed photo of {words}, cinematic lighting, 35mm"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -105,7 +102,6 @@ def flux2_encoder(device, dtype, tiny: bool, tokenizer_dir: pathlib.Path):
     `Mistral3ForConditionalGeneration` (40 layers, lm_head, vision tower): what `Flux2Pipeline` runs, the baseline.
     `after_baseline()` cuts that same model after layer 30, as the server loads it."""
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-    from flux2_encoder import mistral3_config
     from transformers import Mistral3ForConditionalGeneration
 
     from encoder_server.families.base import Encoder
