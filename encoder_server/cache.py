@@ -138,20 +138,41 @@ class EmbeddingCache:
     def _fill(self, tiers: list[CacheTier], key: str, tensors: Tensors) -> None:
         """In-process tiers at once (a request that follows must find the entry); disk and Redis on the
         background thread, so no answer waits for an fsync or a network round trip."""
+        slow = []
         for tier in tiers:
             if getattr(tier, "fast", False):
                 self._put(tier, key, tensors)
             else:
-                self._refill.submit(self._put, tier, key, tensors)
+                slow.append(tier)
+        if slow:
+            self._refill.submit(self._put_slow, slow, key, tensors)
 
     def flush(self) -> None:
         """Wait for the background writes queued so far (tests, shutdown)."""
         self._refill.submit(lambda: None).result()
 
+    @classmethod
+    def _put_slow(cls, tiers: list[CacheTier], key: str, tensors: Tensors) -> None:
+        """Pack the entry once (checksums and a copy of 4-15 MiB) for every tier that stores bytes."""
+        from shared.disk_cache import pack
+
+        data = None
+        for tier in tiers:
+            if not hasattr(tier, "put_packed"):
+                cls._put(tier, key, tensors)
+                continue
+            if data is None:
+                try:
+                    data = pack(key, tensors)
+                except Exception:  # noqa: BLE001 - logged like a failed put; the answer is already sent
+                    logger.exception("could not pack cache entry %s for %s", key, tier.name)
+                    return
+            cls._put(tier, key, data, tier.put_packed)
+
     @staticmethod
-    def _put(tier: CacheTier, key: str, tensors: Tensors) -> None:
+    def _put(tier: CacheTier, key: str, value, put=None) -> None:
         try:
-            tier.put(key, tensors)
+            (put or tier.put)(key, value)
         except Exception:  # noqa: BLE001
             logger.exception("cache tier %s failed on put", tier.name)
 

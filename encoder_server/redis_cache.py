@@ -84,7 +84,10 @@ class RedisTier:
             return None
 
     def put(self, key: str, tensors: Tensors) -> None:
-        data = pack(key, tensors)
+        self.put_packed(key, pack(key, tensors))
+
+    def put_packed(self, key: str, data: bytes) -> None:
+        """Store an entry already `pack`ed (the cache packs once for every slow tier)."""
         self._call("set", self.prefix + key, data, px=int(self.ttl * 1000) if self.ttl else None)
 
     def delete(self, key: str) -> None:

@@ -173,7 +173,10 @@ class DiskTier:
         return tensors
 
     def put(self, key: str, tensors: Tensors) -> None:
-        data = pack(key, tensors)
+        self.put_packed(key, pack(key, tensors))
+
+    def put_packed(self, key: str, data: bytes) -> None:
+        """Store an entry already `pack`ed (the cache packs once for every slow tier)."""
         if len(data) > self.max_bytes:
             return
         write_atomically(self.path(key), data)  # makes the key's subfolder
