@@ -143,3 +143,32 @@ def no_grad_encode(pipe, *args, **kwargs):
     other attention kernels on CPU, so this is the reference the image actually uses)."""
     with torch.no_grad():
         return pipe.encode_prompt(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_flux1):
+    """Plain diffusers' FLUX.1 pipeline on the tiny model: what the split must equal. Read only (a test that loads
+    LoRAs into it builds its own)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_flux1)
+
+
+def expected(reference, prompt, max_sequence_length):
+    """diffusers' own FLUX.1 embeddings of one prompt, as the server must return them."""
+    prompt_embeds, pooled, _ = no_grad_encode(reference, [prompt], max_sequence_length=max_sequence_length)
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def batcher_stats(background, model: str = "tiny-flux1"):
+    return background.server.service.batchers[model].stats
+
+
+def cache_tier(background, name: str):
+    return next(t for t in background.server.service.cache.tiers if t.name == name)

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxPipeline
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import BackgroundServer, ModelSpec, ServerConfig, no_grad_encode, run_cli
+from conftest import BackgroundServer, ModelSpec, ServerConfig, assert_same, expected, run_cli
+from conftest import batcher_stats as stats
+from conftest import cache_tier as tier
 from denoiser_client import RemoteTextEncoder
 from denoiser_client.errors import ServerUnavailable
 from encoder_server.cache import MemoryTier, nbytes
@@ -29,14 +30,6 @@ MODEL = "tiny-flux1"
 def server(tiny_flux1, **config):
     with BackgroundServer(ServerConfig([ModelSpec(str(tiny_flux1), name=MODEL)], port=0, **config)) as s:
         yield s
-
-
-def stats(background: BackgroundServer):
-    return background.server.service.batchers[MODEL].stats
-
-
-def tier(background: BackgroundServer, name: str):
-    return next(t for t in background.server.service.cache.tiers if t.name == name)
 
 
 def entry(seed: int, rows: int = 8) -> dict[str, torch.Tensor]:
@@ -58,22 +51,6 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data))
     else:
         path.write_bytes(b"\x00" * len(data))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_flux1):
-    return FluxPipeline.from_pretrained(tiny_flux1)
-
-
-def expected(reference, prompt, max_sequence_length):
-    prompt_embeds, pooled, _ = no_grad_encode(reference, [prompt], max_sequence_length=max_sequence_length)
-    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
 # Disk entries on their own.

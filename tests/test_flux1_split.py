@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffusers import FluxPipeline
 
 from conftest import copy_model, no_grad_encode
 from denoiser_client.pipeline import handshake, load_denoiser, remote_embeddings, run_pipeline
@@ -16,11 +15,6 @@ CASES = {
     "list": (["a cat", "a dog on a skateboard", "", "🦊"], None),
     "prompt_2": (["a cat", "a dog"], ["a watercolor cat, T5 side", "an oil painting of a dog"]),
 }
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_flux1):
-    return FluxPipeline.from_pretrained(tiny_flux1)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -12,11 +12,10 @@ import time
 
 import grpc
 import pytest
-import torch
-from diffusers import FluxPipeline
 
-from conftest import (BackgroundServer, ModelSpec, ServerConfig, free_port, health_status, no_grad_encode,
-                      wait_for)
+from conftest import (BackgroundServer, ModelSpec, ServerConfig, assert_same, cache_tier, expected, free_port,
+                      health_status, wait_for)
+from conftest import batcher_stats as stats
 from denoiser_client import RemoteTextEncoder
 from shared.disk_cache import unpack
 
@@ -103,28 +102,8 @@ def replicas(tiny_flux1, shared_redis, tmp_path_factory):
         yield a, b
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_flux1):
-    return FluxPipeline.from_pretrained(tiny_flux1)
-
-
-def stats(background):
-    return background.server.service.batchers[MODEL].stats
-
-
 def redis_tier(background):
-    return next(t for t in background.server.service.cache.tiers if t.name == "redis")
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-
-
-def expected(reference, prompt, max_sequence_length):
-    prompt_embeds, pooled, _ = no_grad_encode(reference, [prompt], max_sequence_length=max_sequence_length)
-    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+    return cache_tier(background, "redis")
 
 
 def test_second_replica_serves_what_the_first_encoded_with_zero_encodes(replicas):
