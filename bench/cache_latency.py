@@ -37,7 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable
 
 from encoder_server.families.base import Encoder  # noqa: E402
 from encoder_server.families.flux1 import Flux1Encoder  # noqa: E402
-from encoder_server.sources import ModelSource  # noqa: E402
+from shared.sources import ModelSource  # noqa: E402
 from shared.cache_keys import embedding_key, model_fingerprint  # noqa: E402
 
 
@@ -174,7 +174,7 @@ def main() -> None:
 
     from denoiser_client import RemoteTextEncoder
     from encoder_server.server import BackgroundServer, ServerConfig
-    from shared.tiny_models import make_tiny_model
+    from promptcast.tiny_models import make_tiny_model
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     work = pathlib.Path(tempfile.mkdtemp(prefix="promptcast-cache-bench-"))

@@ -160,7 +160,7 @@ def run(args) -> dict:
     from encoder_server.families.base import Encoder
     from encoder_server.families.flux1 import Flux1Encoder
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
-    from shared.tiny_models import make_tiny_model
+    from promptcast.tiny_models import make_tiny_model
 
     class InMemoryFlux1Encoder(Flux1Encoder):
         """The server's FLUX.1 family code around encoders already built in memory."""

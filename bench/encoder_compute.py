@@ -74,7 +74,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    from shared.tiny_models import make_tiny_model
+    from promptcast.tiny_models import make_tiny_model
 
     peak = matmul_peak(device, dtype, 1024 if args.tiny else 8192)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,

@@ -59,7 +59,7 @@ def flux1_encoder(device, dtype, tiny: bool, tokenizer_dir: pathlib.Path):
 
     from encoder_server.families.base import Encoder
     from encoder_server.families.flux1 import Flux1Encoder
-    from encoder_server.sources import resolve_source
+    from shared.sources import resolve_source
 
     if tiny:
         t5 = T5Config(d_model=64, d_ff=160, num_layers=2, num_heads=4, d_kv=16, vocab_size=32128,
@@ -107,7 +107,7 @@ def flux2_encoder(device, dtype, tiny: bool, tokenizer_dir: pathlib.Path):
     from encoder_server.families.base import Encoder
     from encoder_server.families.flux2 import Flux2Encoder
     from encoder_server.families.truncated import TruncatedTextEncoder, load_tokenizer
-    from encoder_server.sources import resolve_source
+    from shared.sources import resolve_source
 
     layers = Flux2Encoder.hidden_states_layers
     torch.manual_seed(0)
@@ -516,7 +516,7 @@ def main():
         sys.setswitchinterval(args.switch_interval)
     if args.tiny:
         torch.set_num_threads(1)
-    from shared.tiny_models import make_tiny_model
+    from promptcast.tiny_models import make_tiny_model
 
     n = 1024 if args.tiny else 8192
     peak = matmul_peak(device, dtype, n)

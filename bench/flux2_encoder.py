@@ -101,8 +101,8 @@ def run(args) -> dict:
     from transformers import Mistral3ForConditionalGeneration
 
     from encoder_server.families.truncated import TruncatedTextEncoder, load_tokenizer
-    from encoder_server.sources import resolve_source
-    from shared.tiny_models import make_tiny_model
+    from shared.sources import resolve_source
+    from promptcast.tiny_models import make_tiny_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)

@@ -3,7 +3,7 @@
 Crash safety: each image goes to a temp file, is fsynced and renamed to its final path, and only then is its line
 appended (one `write`, then fsync) to DIR/results.jsonl. A rerun reads the finished keys (a torn last line is cut
 off) and does the rest, so `kill -9` at any moment loses at most the items in progress, never leaves a partial
-image at a final path and never produces an item twice (RELIABILITY row 18).
+image at a final path and never produces an item twice.
 
 The node never waits for the encoder: a background thread requests the embeddings of the next `prefetch` items
 while the current ones denoise, and a prompt that appears several times is encoded once.

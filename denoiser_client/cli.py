@@ -84,7 +84,7 @@ def generate(
     options = GenerateOptions(seed, steps, guidance, width, height, negative_prompt, true_cfg_scale,
                               max_sequence_length, tuple(map(str, image or ())))
     options.call_kwargs(device)  # validate before loading anything
-    from denoiser_client.jobs import parse_lora
+    from denoiser_client.lora import parse_lora
 
     vram, loras = _vram(quantize, offload, vae_tiling), [parse_lora(text) for text in lora or ()]
     vram.check(device)
@@ -124,7 +124,8 @@ def batch(
 ):
     """Run a job file on this node: resumable, prefetched, sharded; exit code 1 if any line failed."""
     from denoiser_client.batch import BatchOptions, run_batch_command
-    from denoiser_client.jobs import JobDefaults, parse_lora, parse_shard
+    from denoiser_client.jobs import JobDefaults, parse_shard
+    from denoiser_client.lora import parse_lora
     from shared.config import parse_dtype, resolve_device
 
     device = resolve_device(device)
@@ -146,22 +147,3 @@ def batch(
         typer.echo(line, err=not summary.ok and line.startswith("  "))
     if not summary.ok:
         raise typer.Exit(1)
-
-
-def demo(out: Annotated[Path, typer.Option(help="Where to save the image.")] = Path("promptcast-demo.png"),
-         prompt: str = "a red fox sitting in a snowy forest at dusk",
-         family: Annotated[str, typer.Option(help="flux1, flux2 or flux2-klein.")] = "flux1"):
-    """Offline end-to-end demo: tiny model, local encoder server, one image through gRPC."""
-    from denoiser_client.demo import run_demo
-
-    run_demo(str(out), prompt, family, echo=typer.echo)
-
-
-def make_tiny_model(path: Path, family: Annotated[str, typer.Option(help="flux1, flux2 or flux2-klein.")] = "flux1",
-                    seed: int = 0, overwrite: bool = False):
-    """Write a complete small diffusers folder (real classes, random weights, local tokenizers)."""
-    from shared.tiny_models import FAMILIES, make_tiny_model as make
-
-    if family not in FAMILIES:
-        raise typer.BadParameter(f"{family!r} is not one of {', '.join(FAMILIES)}", param_hint="--family")
-    typer.echo(make(path, family, seed=seed, overwrite=overwrite))

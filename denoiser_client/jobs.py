@@ -15,16 +15,9 @@ from pathlib import Path
 
 from denoiser_client.errors import InvalidArgument
 from denoiser_client.generate import GenerateOptions
+from denoiser_client.lora import LoraRef, absolute_path, parse_lora
 from shared.cache_keys import canonical_json
 from shared.prompts import prompt_text
-
-
-@dataclass(frozen=True)
-class LoraRef:
-    """One LoRA of an item: an absolute file path and its weight."""
-
-    path: str
-    weight: float = 1.0
 
 
 @dataclass
@@ -107,24 +100,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def parse_lora(text: str, base: Path | None = None) -> LoraRef:
-    """`PATH[:WEIGHT]` -> LoraRef (a path may itself hold colons: only a number after the last one is a weight)."""
-    path, sep, weight = text.rpartition(":")
-    try:
-        value = float(weight) if sep else None
-    except ValueError:
-        value = None
-    if value is None:
-        path, value = text, 1.0
-    return LoraRef(_absolute(path, base), value)
-
-
-def _absolute(path: str, base: Path | None) -> str:
-    """Job-file paths are relative to the job file's folder; command-line ones to the working directory."""
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else (base or Path.cwd()) / p)
-
-
 def prompt_of(obj: dict) -> str:
     """The prompt of a job line: `prompt` (an object is sent as its compact JSON text), else the last user turn of
     DataFlow `conversations`. Raises ValueError saying what is missing."""
@@ -167,7 +142,7 @@ def _loras(value, base: Path) -> tuple[LoraRef, ...]:
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError(f"a LoRA weight must be a number, not {json.dumps(weight)}")
-        refs.append(LoraRef(_absolute(entry["path"], base), float(weight)))
+        refs.append(LoraRef(absolute_path(entry["path"], base), float(weight)))
     return tuple(refs)
 
 
@@ -198,7 +173,7 @@ def parse_line(text: str, line: int, defaults: JobDefaults, base: Path) -> JobIt
                    guidance=None if guidance is None else float(guidance), width=width, height=height,
                    negative_prompt=pick("negative_prompt", defaults.negative_prompt),
                    true_cfg_scale=None if true_cfg is None else float(true_cfg), loras=loras,
-                   input_images=tuple(_absolute(p, base) for p in images), id=obj.get("id"))
+                   input_images=tuple(absolute_path(p, base) for p in images), id=obj.get("id"))
     item.key = item_key(defaults, item.params(), item.id)
     return item
 

@@ -3,8 +3,7 @@
 Loading goes through diffusers' own `load_lora_weights(path, adapter_name=...)` (so every LoRA format diffusers
 converts, kohya, xlabs..., works), switching through `set_adapters(names, weights)` and `disable_lora()`.
 Every file is checked against the local transformer *before* any denoising: a missing file, a pickle file, or
-layers that do not exist in this transformer (or have other shapes) fail at once with the reason (RELIABILITY
-row 20), instead of diffusers' warning about unexpected keys and a silently unstyled image.
+layers that do not exist in this transformer (or have other shapes) fail at once with the reason, instead of diffusers' warning about unexpected keys and a silently unstyled image.
 """
 
 from __future__ import annotations
@@ -12,14 +11,40 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from denoiser_client.errors import InvalidArgument
-from denoiser_client.jobs import LoraRef
 
 logger = logging.getLogger(__name__)
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_A.bias", ".lora_B.bias", ".lora_magnitude_vector")
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA of an item: an absolute file path and its weight."""
+
+    path: str
+    weight: float = 1.0
+
+
+def parse_lora(text: str, base: Path | None = None) -> LoraRef:
+    """`PATH[:WEIGHT]` -> LoraRef (a path may itself hold colons: only a number after the last one is a weight)."""
+    path, sep, weight = text.rpartition(":")
+    try:
+        value = float(weight) if sep else None
+    except ValueError:
+        value = None
+    if value is None:
+        path, value = text, 1.0
+    return LoraRef(absolute_path(path, base), value)
+
+
+def absolute_path(path: str, base: Path | None) -> str:
+    """Job-file paths are relative to the job file's folder; command-line ones to the working directory."""
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base or Path.cwd()) / p)
 
 
 class LoraError(InvalidArgument):

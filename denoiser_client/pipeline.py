@@ -2,36 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from denoiser_client.errors import IncompatibleModel, InvalidArgument
 from denoiser_client.remote import ModelInfo, RemoteTextEncoder
-from shared.families import EMBEDDING_WIDTHS, PIPELINE_FAMILIES, TEXT_COMPONENTS
+from shared.families import FAMILIES, PIPELINE_FAMILIES, family_of_pipeline
+from shared.sources import ModelSourceError, resolve_source
 
 logger = logging.getLogger(__name__)
 
 
 def read_model_index(source: str) -> dict:
-    path = Path(source).expanduser()
-    if path.exists():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise InvalidArgument(f"{source!r} has no model_index.json: pass a diffusers model folder or a hub repo id")
-        return json.loads(index.read_text(encoding="utf-8"))
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise InvalidArgument(f"model folder {source!r} does not exist (and it is not a hub repo id like 'org/name')")
-    from huggingface_hub import hf_hub_download
-
+    """`model_index.json` of a local folder or hub repo (`org/name[@revision]`); `InvalidArgument` naming the file
+    and the fix otherwise."""
     try:
-        return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text(encoding="utf-8"))
-    except Exception as e:  # noqa: BLE001 - offline, gated, missing: one clear line
-        raise InvalidArgument(f"could not read model_index.json of hub repo {source!r}: {e}") from None
+        return resolve_source(source).read_json("model_index.json")
+    except ModelSourceError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 def load_denoiser(source: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, vram=None):
@@ -46,11 +37,12 @@ def load_denoiser(source: str, *, device: str = "cpu", dtype: torch.dtype = torc
     vram.check(device)  # before any weight is read
 
     class_name = read_model_index(source).get("_class_name")
-    family = PIPELINE_FAMILIES.get(class_name)
-    if family is None:
+    record = family_of_pipeline(class_name)
+    if record is None:
         raise InvalidArgument(f"{source!r} is a {class_name!r}; promptcast denoises "
                               f"{', '.join(sorted(PIPELINE_FAMILIES))}")
-    none = {component: None for component in TEXT_COMPONENTS[family]}
+    family = record.name
+    none = {component: None for component in record.text_components}
     pipe = getattr(diffusers, class_name).from_pretrained(source, dtype=dtype, **none,
                                                           **vram.from_pretrained_kwargs(dtype))
     return vram.apply(pipe, device, dtype), family
@@ -62,7 +54,7 @@ def handshake(pipe, family: str, info: ModelInfo) -> None:
         raise IncompatibleModel(f"server model {info.name!r} is {info.family}, but the local pipeline is {family}: "
                                 "pick a matching --encoder-model")
     config = pipe.transformer.config
-    for output, key in EMBEDDING_WIDTHS[family].items():
+    for output, key in FAMILIES[family].embedding_widths.items():
         spec = info.output(output)
         if spec is None:
             raise IncompatibleModel(f"server model {info.name!r} does not produce {output}")
@@ -111,15 +103,10 @@ def negative_prompt_for(pipe, family: str, negative_prompt: str | None, *, guida
     prompt; a FLUX.2 klein *base* model (not distilled) runs CFG whenever guidance > 1, with "" as the
     default negative prompt; FLUX.2-dev is guidance-distilled and takes none.
     """
-    if family == "flux1":
-        return negative_prompt if negative_prompt is not None and (true_cfg_scale or 1.0) > 1 else None
-    if family == "flux2-klein":
-        distilled = pipe.config.get("is_distilled", False)
-        return None if distilled or (4.0 if guidance is None else guidance) <= 1 else (negative_prompt or "")
-    if negative_prompt is not None:
-        raise InvalidArgument(f"{family} pipelines take no negative prompt (guidance is distilled into the model); "
-                              "drop --negative-prompt")
-    return None
+    try:
+        return FAMILIES[family].negative_prompt(pipe.config, negative_prompt, guidance, true_cfg_scale)
+    except ValueError as e:
+        raise InvalidArgument(f"{family} {e}") from None
 
 
 def load_reference_images(paths: list[str], family: str) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
@@ -16,11 +17,10 @@ import torch
 from denoiser_client import errors
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import DTYPES, EmbeddingAssembler, decode_response
+from shared.tensor_codec import CACHE_STATUS_NAMES, DTYPES, EmbeddingAssembler, decode_response
 from shared.tensor_codec import PayloadError as _WirePayloadError
 
-CACHE_STATUS_NAMES = {pb.CACHE_STATUS_MISS: "miss", pb.CACHE_STATUS_MEMORY: "memory", pb.CACHE_STATUS_DISK: "disk",
-                      pb.CACHE_STATUS_REDIS: "redis", pb.CACHE_STATUS_UNSPECIFIED: "unknown"}
+logger = logging.getLogger(__name__)
 _RETRIABLE = {grpc.StatusCode.UNAVAILABLE}
 # A replica killed mid-stream surfaces as UNAVAILABLE ("Stream removed", "Socket closed") or, depending on
 # when the connection died, as INTERNAL/UNKNOWN with an HTTP/2 reset; both calls are idempotent (Encode
@@ -187,7 +187,8 @@ class RemoteTextEncoder:
         return ",".join(self.targets)
 
     def encode(self, prompt: str | list[str], model: str | None = None, *, prompt_2: str | list[str] | None = None,
-               max_sequence_length: int | None = None, with_info: bool = False):
+               max_sequence_length: int | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, with_info: bool = False):
         r"""
         Encode prompts on the server.
 
@@ -196,23 +197,59 @@ class RemoteTextEncoder:
             model (`str`, *optional*): the hosted model's name; may be omitted when the server hosts one.
             prompt_2 (`str` or `list[str]`, *optional*): FLUX.1's T5 prompt(s); defaults to `prompt`.
             max_sequence_length (`int`, *optional*): defaults to the model's default (FLUX.1-dev: 512).
+            device (`str` or `torch.device`, *optional*): where to put the tensors (default: the CPU). diffusers
+                does not move given embeddings, so a CUDA pipeline needs `device=pipe.device`.
+            dtype (`torch.dtype`, *optional*): cast floating-point tensors to this (default: the server's dtype,
+                the one diffusers produces there); a bf16 pipeline fed by an fp32 server needs `dtype=pipe.dtype`.
             with_info (`bool`, *optional*): also return an [`EncodeInfo`] (per prompt: cache status
                 `miss`, `memory`, `disk`, `redis` or `local`, cache key...).
 
         Returns:
-            `dict[str, torch.Tensor]`: CPU tensors keyed by the diffusers call's argument names
-            (`prompt_embeds`, `pooled_prompt_embeds`...), in the dtype diffusers produces on the server;
-            `(embeddings, info)` with `with_info=True`.
+            `dict[str, torch.Tensor]`: tensors keyed by the diffusers call's argument names (`prompt_embeds`,
+            `pooled_prompt_embeds`...); `(embeddings, info)` with `with_info=True`.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
         if prompts_2 is not None and len(prompts_2) != len(prompts):
             raise errors.InvalidArgument(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}")
         if self.local_cache is not None:
-            tensors, info = self.local_cache.encode(self, prompts, model, prompts_2, max_sequence_length)
+            tensors, info = self._encode_through_cache(prompts, model, prompts_2, max_sequence_length)
         else:
             tensors, info = self._encode_remote(prompts, model, prompts_2, max_sequence_length)
+        if device is not None or dtype is not None:
+            tensors = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                       for name, t in tensors.items()}
         return (tensors, info) if with_info else tensors
+
+    def _encode_through_cache(self, prompts: list[str], model: str | None, prompts_2: list[str] | None,
+                              max_sequence_length: int | None) -> tuple[dict[str, torch.Tensor], EncodeInfo]:
+        """Hits from the node's cache, the rest from the server (then kept)."""
+        started = time.perf_counter()
+        info = self.model_info(model)  # cached after the first call: a full hit makes no RPC
+        length = max_sequence_length or info.default_max_sequence_length
+        keys = self.local_cache.keys(info.fingerprint, length, prompts, prompts_2)
+        rows = {i: hit for i, key in enumerate(keys) if (hit := self.local_cache.get(key)) is not None}
+        missing = [i for i in range(len(prompts)) if i not in rows]
+        status, server_keys = ["local"] * len(prompts), list(keys)
+        remote = EncodeInfo([], [], target="", attempts=0)
+        if missing:
+            tensors, remote = self._encode_remote([prompts[i] for i in missing], info.name,
+                                                  None if prompts_2 is None else [prompts_2[i] for i in missing],
+                                                  length)
+            for j, i in enumerate(missing):
+                rows[i] = {name: t[j] for name, t in tensors.items()}
+                status[i], server_keys[i] = remote.cache_status[j], remote.cache_keys[j]
+                self.local_cache.put(remote.cache_keys[j], rows[i])
+            if server_keys != keys:
+                self._models = None  # the model changed under its name: ask ListModels again next time
+                logger.warning("the server at %s keyed a prompt differently from this client (model reloaded, or "
+                               "another promptcast version); refreshing its model list", remote.target)
+        if len(missing) == len(prompts):  # all from the server: already one batch, in order
+            out = tensors
+        else:
+            out = {name: torch.stack([rows[i][name] for i in range(len(prompts))]) for name in rows[0]}
+        return out, EncodeInfo(status, server_keys, remote.bytes_received, time.perf_counter() - started,
+                               remote.server_seconds, remote.target, remote.attempts, remote.request_id)
 
     def _encode_remote(self, prompts: list[str], model: str | None, prompts_2: list[str] | None,
                        max_sequence_length: int | None) -> tuple[dict[str, torch.Tensor], EncodeInfo]:

@@ -8,12 +8,15 @@ the service names. The file is re-read on SIGHUP, so tokens rotate without a res
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 from pathlib import Path
 
 import grpc
 from grpc import aio
+
+from encoder_server.interceptors import wrap_handler
 
 logger = logging.getLogger(__name__)
 
@@ -86,27 +89,10 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
         if reason is None or handler is None:
             return handler
         logger.warning("refused %s: %s", method, reason)
-        return _refusing_handler(handler, reason)
 
+        @contextlib.asynccontextmanager
+        async def refused(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)  # raises: the handler never runs
+            yield None  # pragma: no cover
 
-def _refusing_handler(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that only answers UNAUTHENTICATED."""
-
-    async def refuse(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-
-    async def refuse_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-        yield  # pragma: no cover - makes this an async generator, as stream handlers are
-
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
-                                                    handler.response_serializer)
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer,
-                                                   handler.response_serializer)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse, handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
-                                                 handler.response_serializer)
+        return wrap_handler(handler, refused)

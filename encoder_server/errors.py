@@ -32,10 +32,6 @@ class EncodeFailed(EncoderServerError):
     code = grpc.StatusCode.INTERNAL
 
 
-class Unauthenticated(EncoderServerError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
 class SourceError(EncoderServerError):
     """A `--model` source that cannot be loaded (missing folder, unknown family, hub unreachable)."""
     code = grpc.StatusCode.FAILED_PRECONDITION

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -35,19 +36,18 @@ from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from shared.promptcast.v1 import encoder_pb2 as pb
-from shared.tensor_codec import decode_response
+from encoder_server.interceptors import PROMPTCAST_METHODS, wrap_handler
 
 logger = logging.getLogger("promptcast.requests")
 
-_CACHE_STATUS = {value: name.removeprefix("CACHE_STATUS_").lower() for name, value in pb.CacheStatus.items()}
+_CURRENT_CALL: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar("promptcast_call", default=None)
 _TOKEN = re.compile(r"[A-Za-z0-9._:/@=-]{1,64}")  # what may go into a log line or a label unquoted
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class ServerMetrics:
-    """The server's Prometheus series. `EmbeddingService(metrics=...)` feeds `observe_batch`;
-    `MetricsInterceptor` feeds the per-call series; the rest is read at scrape time."""
+    """The server's Prometheus series. The domain feeds them (`EmbeddingService(metrics=...)` calls `observe_batch`
+    and `observe_cache`); each transport wraps its calls in `call(...)`; the rest is read at scrape time."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -70,7 +70,6 @@ class ServerMetrics:
         self.cache_misses = Counter("promptcast_cache_misses", "Prompts that needed an encode.", registry=r)
         self.serving = Gauge("promptcast_serving", "1 when health is SERVING.", registry=r)
         self.service = None
-        self.active = 0  # promptcast calls being handled (what a drain waits for)
         self._http = None
         r.register(_ScrapeTimeCollector(self))
 
@@ -83,6 +82,43 @@ class ServerMetrics:
         self.batch_size.observe(batch_size)
         self.queue_seconds.observe(queue_seconds)
         self.encode_seconds.observe(encode_seconds)
+
+    def observe_cache(self, statuses: list[str]) -> None:
+        """Called by the service with the cache status of every prompt it answers (`miss`, `memory`, ...)."""
+        call = _CURRENT_CALL.get()
+        for status in statuses:
+            if status == "miss":
+                self.cache_misses.inc()
+            else:
+                self.cache_hits.labels(status).inc()
+            if call is not None:
+                call.cache[status] = call.cache.get(status, 0) + 1
+
+    @contextlib.contextmanager
+    def call(self, method: str, rid: str, requested_model: str = "", prompts: int = 0, peer: str = ""):
+        """Record one call of any transport: its code (set `record.code`, else OK, CANCELLED or UNKNOWN from how
+        the block ends), time, bytes, cache results and log line. The domain's `observe_cache` reaches the record
+        of the call it runs in."""
+        record = CallRecord(self, method, rid, requested_model, prompts, peer)
+        token = _CURRENT_CALL.set(record)
+        self.in_flight.inc()
+        try:
+            yield record
+        except (asyncio.CancelledError, GeneratorExit):
+            record.code = "CANCELLED"
+            raise
+        except aio.AbortError:
+            raise
+        except Exception:
+            record.code = record.code or "UNKNOWN"
+            raise
+        finally:
+            try:
+                _CURRENT_CALL.reset(token)
+            except ValueError:  # a stream closed from another context: the value dies with that context anyway
+                pass
+            record.finish()
+            self.in_flight.dec()  # last: in-flight 0 means every finished call is fully counted and logged
 
     def model_label(self, requested: str) -> str:
         # Only hosted names become label values: a client must not be able to grow the series set.
@@ -205,96 +241,54 @@ class MetricsInterceptor(aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         full_method = handler_call_details.method
-        if handler is None or not full_method.startswith("/promptcast."):
+        if handler is None or not full_method.startswith(PROMPTCAST_METHODS):
             return handler
         method = full_method.rsplit("/", 1)[-1]
         rid = request_id(handler_call_details.invocation_metadata)
         metrics = self.metrics
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
 
-            async def unary_stream(request, context):
-                call = _CallRecord(metrics, method, rid, request, context)
-                with _recorded(call):
-                    async for message in inner_stream(request, context):
-                        call.saw(message)
-                        yield message
+        @contextlib.asynccontextmanager
+        async def recorded(request, context):
+            context.set_trailing_metadata((("x-request-id", rid),))
+            with metrics.call(method, rid, getattr(request, "model", ""), len(getattr(request, "prompts", ())),
+                              context.peer()) as call:
+                try:
+                    yield call
+                finally:
+                    if call.code is None:
+                        call.code = _code_name(context)  # an abort carries its own code
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
-                call = _CallRecord(metrics, method, rid, request, context)
-                with _recorded(call):
-                    return await inner(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
-        return handler
+        return wrap_handler(handler, recorded)
 
 
-@contextlib.contextmanager
-def _recorded(call: "_CallRecord"):
-    """Give a call its final code (aborts carry their own) and record it, however the handler ends."""
-    try:
-        yield
-    except (asyncio.CancelledError, GeneratorExit):
-        call.code = "CANCELLED"
-        raise
-    except aio.AbortError:
-        raise
-    except Exception:
-        call.code = "UNKNOWN"
-        raise
-    finally:
-        call.finish()
+class CallRecord:
+    """What one call did, turned into series and one log line when it ends. The domain adds its cache results
+    (`ServerMetrics.observe_cache`); the transport adds the bytes it sends (`sent`)."""
 
-
-class _CallRecord:
-    """What one call did, turned into series and one log line when it ends."""
-
-    def __init__(self, metrics: ServerMetrics, method: str, rid: str, request, context):
-        self.metrics, self.method, self.rid, self.context = metrics, method, rid, context
-        self.requested_model = getattr(request, "model", "")
-        self.model = metrics.model_label(self.requested_model) if method == "Encode" else ""
-        self.prompts = len(getattr(request, "prompts", ()))
+    def __init__(self, metrics: ServerMetrics, method: str, rid: str, requested_model: str, prompts: int, peer: str):
+        self.metrics, self.method, self.rid, self.peer = metrics, method, rid, peer
+        self.requested_model = requested_model
+        self.model = metrics.model_label(requested_model) if method == "Encode" else ""
+        self.prompts = prompts
         self.bytes = 0
         self.cache: dict[str, int] = {}
         self.streamed = metrics.streamed_bytes.labels(self.model) if method == "Encode" else None
         self.code: str | None = None
         self.started = time.perf_counter()
-        metrics.in_flight.inc()
-        metrics.active += 1
-        context.set_trailing_metadata((("x-request-id", rid),))
 
-    def saw(self, message) -> None:
-        if isinstance(message, bytes):  # serialized by the servicer; a chunk decodes to a view, without a copy
-            size, message = len(message), decode_response(message)
-        else:
-            size = message.ByteSize()
+    def sent(self, message) -> None:
+        size = len(message) if isinstance(message, (bytes, memoryview)) else message.ByteSize()
         self.bytes += size
-        self.streamed.inc(size)  # as it goes: a long stream shows up before it ends
-        if not isinstance(message, memoryview) and message.WhichOneof("payload") == "header":
-            status = _CACHE_STATUS.get(message.header.cache_status, "unknown")
-            self.cache[status] = self.cache.get(status, 0) + 1
+        if self.streamed is not None:
+            self.streamed.inc(size)  # as it goes: a long stream shows up before it ends
 
     def finish(self) -> None:
         m, seconds = self.metrics, time.perf_counter() - self.started
-        code = self.code or _code_name(self.context)
+        code = self.code or "OK"
         m.requests.labels(self.method, self.model, code).inc()
         m.request_seconds.labels(self.method).observe(seconds)
-        for status, count in self.cache.items():
-            if status == "miss":
-                m.cache_misses.inc(count)
-            else:
-                m.cache_hits.labels(status).inc(count)
         if self.method == "Encode":
             cache = ",".join(f"{k}:{v}" for k, v in sorted(self.cache.items())) or "-"
             logger.info("encode request_id=%s model=%s prompts=%d code=%s seconds=%.3f bytes=%d cache=%s peer=%s",
                         self.rid, _loggable(self.requested_model or self.model), self.prompts, code, seconds,
-                        self.bytes, cache,
-                        self.context.peer())
-        m.in_flight.dec()  # last: in-flight 0 means every finished call is fully counted and logged
-        m.active -= 1
+                        self.bytes, cache, self.peer)

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from encoder_server.cache import build_cache, default_memory_bytes
 from encoder_server.families import get_encoder
-from encoder_server.interceptors import ErrorMappingInterceptor
+from encoder_server.interceptors import CallCounter, ErrorMappingInterceptor
 from encoder_server.metrics import MetricsInterceptor, ServerMetrics
 from encoder_server.service import EmbeddingService, Limits
 from encoder_server.servicer import SERVICE_NAME, TextEncoderServicer, add_to_server
@@ -112,7 +112,8 @@ class EncoderServer:
             logger.warning("--token-file without TLS: tokens cross the network in the clear (add --tls-cert/--tls-key)")
         self.health = health.aio.HealthServicer()
         # Metrics outermost (refused calls are counted too), then the token check, then error mapping.
-        chain = [MetricsInterceptor(self.metrics), *([self.auth] if self.auth else []), *interceptors,
+        self.calls = CallCounter()
+        chain = [self.calls, MetricsInterceptor(self.metrics), *([self.auth] if self.auth else []), *interceptors,
                  ErrorMappingInterceptor()]
         self.server = aio.server(interceptors=chain, options=SERVER_OPTIONS)
         self.servicer = TextEncoderServicer(self.service)
@@ -184,7 +185,7 @@ class EncoderServer:
         # grace period: wait for our own calls only, then stop once. (One `stop` call only: two overlapping
         # shutdowns of a grpc.aio server can crash its core.)
         deadline = time.monotonic() + grace
-        while self.metrics.active and time.monotonic() < deadline:
+        while self.calls.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(0)
         if self.health_server is not None:

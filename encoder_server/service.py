@@ -158,7 +158,10 @@ class EmbeddingService:
             # Gone (cancelled, deadline) or failed: a job nobody waits for is dropped before GPU work.
             for job in jobs:
                 job.leave()
-        return [results[key] for key in keys]
+        answered = [results[key] for key in keys]
+        if self.metrics is not None:
+            self.metrics.observe_cache([e.cache_status for e in answered])
+        return answered
 
     def _start_flight(self, encoder, keys, prompts, prompts_2, max_sequence_length, deadline) -> EncodeJob:
         if deadline is not None and time.monotonic() >= deadline:

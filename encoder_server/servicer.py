@@ -16,12 +16,10 @@ import grpc
 from encoder_server.service import EmbeddingService, deadline_from, describe
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import DTYPE_NAMES, pack_embedding
+from shared.tensor_codec import CACHE_STATUS, DTYPE_NAMES, pack_embedding
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 
-CACHE_STATUS = {"miss": pb.CACHE_STATUS_MISS, "memory": pb.CACHE_STATUS_MEMORY, "disk": pb.CACHE_STATUS_DISK,
-                "redis": pb.CACHE_STATUS_REDIS}
 
 
 def model_info(encoder, max_prompts_per_call: int) -> pb.ModelInfo:

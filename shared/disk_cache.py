@@ -28,6 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shared.atomic_files import write_atomically
+from shared.config import cache_home
 from shared.tensor_codec import DTYPE_NAMES, checksum, tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,7 @@ class CorruptEntry(ValueError):
 
 def default_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/promptcast/embeddings`, else `~/.cache/promptcast/embeddings`."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "promptcast" / "embeddings"
+    return cache_home() / "embeddings"
 
 
 def pack(key: str, tensors: Tensors) -> bytes:

@@ -1,24 +1,119 @@
-"""Facts about each model family that both sides need: which diffusers pipelines belong to it,
-which components are text encoding (remote) and which embedding widths the transformer expects."""
+"""One record per model family: everything the server, the node and the front door need to know about it.
+
+A family is a set of diffusers pipelines that share their text encoders. Its record says which pipelines belong to
+it, which of their components encode text (those live on the encoder server and a node never loads them), which
+transformer config keys the embedding widths must equal, where the server's encoder class and the tiny test model
+builder are (as `module:name` strings, imported only by the side that uses them), and the pipeline's rule for when a
+call needs a negative prompt. Adding a family is its encoder file, its tiny builder file and one record here.
+"""
 
 from __future__ import annotations
 
-PIPELINE_FAMILIES = {
-    "FluxPipeline": "flux1", "FluxImg2ImgPipeline": "flux1", "FluxInpaintPipeline": "flux1",
-    "FluxControlPipeline": "flux1", "FluxFillPipeline": "flux1", "FluxKontextPipeline": "flux1",
-    "Flux2Pipeline": "flux2", "Flux2KleinPipeline": "flux2-klein",
-}
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-# Components a denoiser node never loads: they live on the encoder server.
-TEXT_COMPONENTS = {
-    "flux1": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-    "flux2": ("text_encoder", "tokenizer"),
-    "flux2-klein": ("text_encoder", "tokenizer"),
-}
 
-# output name -> transformer config key whose value must equal the output's last dimension.
-EMBEDDING_WIDTHS = {
-    "flux1": {"prompt_embeds": "joint_attention_dim", "pooled_prompt_embeds": "pooled_projection_dim"},
-    "flux2": {"prompt_embeds": "joint_attention_dim"},
-    "flux2-klein": {"prompt_embeds": "joint_attention_dim"},
-}
+def _flux1_negative(config: Mapping, negative_prompt: str | None, guidance: float | None,
+                    true_cfg_scale: float | None) -> str | None:
+    # FluxPipeline runs true CFG only with true_cfg_scale > 1 and a negative prompt.
+    return negative_prompt if negative_prompt is not None and (true_cfg_scale or 1.0) > 1 else None
+
+
+def _distilled_negative(config: Mapping, negative_prompt: str | None, guidance: float | None,
+                        true_cfg_scale: float | None) -> str | None:
+    if negative_prompt is not None:
+        raise ValueError("pipelines take no negative prompt (guidance is distilled into the model); drop "
+                         "--negative-prompt")
+    return None
+
+
+def _flux2_klein_negative(config: Mapping, negative_prompt: str | None, guidance: float | None,
+                          true_cfg_scale: float | None) -> str | None:
+    # A klein *base* model (not distilled) runs CFG whenever guidance > 1, with "" as its default negative prompt.
+    distilled = config.get("is_distilled", False)
+    return None if distilled or (4.0 if guidance is None else guidance) <= 1 else (negative_prompt or "")
+
+
+NegativePromptRule = Callable[[Mapping, "str | None", "float | None", "float | None"], "str | None"]
+
+
+@dataclass(frozen=True)
+class Family:
+    r"""
+    The facts of one model family.
+
+    Args:
+        name (`str`): What `--family`, `make-tiny-model --family` and `ListModels` call it.
+        pipelines (`tuple[str, ...]`): diffusers pipeline classes (`model_index.json`'s `_class_name`) of this family;
+            the first is the text-to-image one, which the tiny model and the node use.
+        text_components (`tuple[str, ...]`): components that encode text: loaded by the server, never by a node.
+        embedding_widths (`Mapping[str, str]`): output name -> transformer config key its last dimension must equal.
+        encoder (`str`): `module:Class` of the server's `Encoder`.
+        tiny_model (`str`): `module:function` that builds the tiny test model.
+        negative_prompt (`callable`): `(pipeline config, negative_prompt, guidance, true_cfg_scale)` -> the negative
+            text whose embeddings the call needs, or None; raises `ValueError` for a negative prompt the pipeline
+            refuses (its message follows "<family> ").
+        max_reference_images (`int`): most reference images a call takes (0: none).
+    """
+
+    name: str
+    pipelines: tuple[str, ...]
+    text_components: tuple[str, ...]
+    embedding_widths: Mapping[str, str]
+    encoder: str
+    tiny_model: str
+    negative_prompt: NegativePromptRule = _flux1_negative
+    max_reference_images: int = 0
+
+    @property
+    def pipeline(self) -> str:
+        return self.pipelines[0]
+
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (
+    Family(
+        name="flux1",
+        pipelines=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlPipeline",
+                   "FluxFillPipeline", "FluxKontextPipeline"),
+        text_components=("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+        embedding_widths={"prompt_embeds": "joint_attention_dim", "pooled_prompt_embeds": "pooled_projection_dim"},
+        encoder="encoder_server.families.flux1:Flux1Encoder",
+        tiny_model="promptcast.tiny_models.flux1:build",
+        negative_prompt=_flux1_negative,
+    ),
+    Family(
+        name="flux2",
+        pipelines=("Flux2Pipeline",),
+        text_components=("text_encoder", "tokenizer"),
+        embedding_widths={"prompt_embeds": "joint_attention_dim"},
+        encoder="encoder_server.families.flux2:Flux2Encoder",
+        tiny_model="promptcast.tiny_models.flux2:build",
+        negative_prompt=_distilled_negative,
+        max_reference_images=10,
+    ),
+    Family(
+        name="flux2-klein",
+        pipelines=("Flux2KleinPipeline",),
+        text_components=("text_encoder", "tokenizer"),
+        embedding_widths={"prompt_embeds": "joint_attention_dim"},
+        encoder="encoder_server.families.flux2_klein:Flux2KleinEncoder",
+        tiny_model="promptcast.tiny_models.flux2_klein:build",
+        negative_prompt=_flux2_klein_negative,
+        max_reference_images=10,
+    ),
+)}
+
+PIPELINE_FAMILIES: dict[str, str] = {pipeline: f.name for f in FAMILIES.values() for pipeline in f.pipelines}
+
+
+def family(name: str) -> Family:
+    """The record named `name`; `ValueError` naming the known ones otherwise."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_pipeline(class_name: str | None) -> Family | None:
+    """The family a `model_index.json` `_class_name` belongs to, or None."""
+    name = PIPELINE_FAMILIES.get(class_name or "")
+    return None if name is None else FAMILIES[name]

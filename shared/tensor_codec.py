@@ -29,6 +29,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
+# Cache statuses by name, as the server's domain reports them and the client returns them, and on the wire.
+CACHE_STATUS = {"miss": pb.CACHE_STATUS_MISS, "memory": pb.CACHE_STATUS_MEMORY, "disk": pb.CACHE_STATUS_DISK,
+                "redis": pb.CACHE_STATUS_REDIS}
+CACHE_STATUS_NAMES = {value: name for name, value in CACHE_STATUS.items()} | {pb.CACHE_STATUS_UNSPECIFIED: "unknown"}
+
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("promptcast's wire format is little-endian; this host is big-endian")
 

@@ -24,7 +24,7 @@ os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
 atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
 
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig, health_status  # noqa: E402
-from shared.tiny_models import make_tiny_model  # noqa: E402
+from promptcast.tiny_models import make_tiny_model  # noqa: E402
 
 
 def wait_for(predicate, timeout=20.0, interval=0.05):
@@ -40,7 +40,7 @@ def wait_for(predicate, timeout=20.0, interval=0.05):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """One tiny model folder per family, built once per session. Tests only read them: copy before changing."""
-    from shared.tiny_models import FAMILIES
+    from promptcast.tiny_models import FAMILIES
 
     root = tmp_path_factory.mktemp("models")
     return {family: make_tiny_model(root / f"tiny-{family}", family) for family in FAMILIES}
@@ -86,7 +86,7 @@ class ServerProcess:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", "promptcast", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
 
     def wait_serving(self, timeout: float = 120) -> "ServerProcess":
@@ -134,7 +134,7 @@ def server_process():
 
 
 def run_cli(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "promptcast", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

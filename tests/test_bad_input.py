@@ -1,4 +1,4 @@
-"""Bad input gets a clear, named error before any GPU work (RELIABILITY rows 7, 21, 22)."""
+"""Bad input gets a clear, named error before any GPU work; no data path unpickles or evals."""
 
 import re
 import subprocess
@@ -73,7 +73,7 @@ def test_serve_with_a_folder_that_is_not_a_model_exits_clearly(tmp_path):
 
 
 def test_no_pickle_torch_load_or_eval_on_data_paths():
-    """RELIABILITY row 22: nothing that reads network or cache bytes may unpickle or eval."""
+    """Nothing that reads network or cache bytes may unpickle or eval."""
     pattern = re.compile(r"import pickle|pickle\.|torch\.load\(|(^|[^.a-z_])eval\(|cloudpickle|marshal\.loads")
     hits = []
     for package in ("encoder_server", "denoiser_client", "shared"):

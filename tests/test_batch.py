@@ -114,7 +114,7 @@ def test_kill_9_mid_run_then_rerun_makes_every_item_exactly_once(server, tmp_pat
     args[args.index("--steps") + 1] = "8"
     for flag in ("--width", "--height"):
         args[args.index(flag) + 1] = "128"
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "promptcast", *map(str, args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

@@ -1,5 +1,5 @@
 """The embedding cache: disk entries verified on every read, LRU bounds, restarts, single flight, the
-client's local tier, `promptcast encode` exports and `promptcast cache` (RELIABILITY rows 16 and 22)."""
+client's local tier, `promptcast encode` exports and `promptcast cache`; damaged entries are misses."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_memory_and_disk_eviction_keep_their_bounds_and_keep_recent_entries(tmp_
 
 def test_key_covers_model_dtype_length_and_prompt_2(tiny_flux1, tmp_path):
     from encoder_server.families import get_encoder
-    from shared.tiny_models import make_tiny_model
+    from promptcast.tiny_models import make_tiny_model
 
     other = make_tiny_model(tmp_path / "other", "flux1", seed=1)
     fingerprints = {get_encoder(str(tiny_flux1)).fingerprint, get_encoder(str(other)).fingerprint,
@@ -209,7 +209,7 @@ def test_client_cache_dir_serves_repeats_locally_without_any_rpc(tiny_flux1, tmp
 
 
 def test_generate_cache_dir_reads_the_repeated_prompt_from_the_node(tiny_flux1, flux1_server, tmp_path):
-    from shared.cli import app
+    from promptcast.cli import app
 
     args = ["generate", "--encoder", flux1_server.address, "--model", str(tiny_flux1), "--prompt", "a node-cached fox",
             "--steps", "1", "--width", "32", "--height", "32", "--max-sequence-length", "16",
@@ -258,7 +258,7 @@ def test_encode_export_loads_in_plain_diffusers_and_gives_the_split_image(tiny_f
 
 
 def test_cache_stats_verify_clear(tmp_path):
-    from shared.cli import app
+    from promptcast.cli import app
 
     disk = DiskTier(tmp_path, 1 << 30)
     for n in range(3):

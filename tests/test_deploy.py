@@ -15,7 +15,7 @@ import yaml
 from typer.main import get_command
 
 from encoder_server.server import SERVICE_NAME
-from shared.cli import app
+from promptcast.cli import app
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 REPO = DEPLOY.parent

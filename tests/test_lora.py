@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from conftest import run_cli
 from denoiser_client.batch import BatchOptions, RemoteEmbedder, run_batch
-from denoiser_client.jobs import JobDefaults, LoraRef
+from denoiser_client.jobs import JobDefaults
+from denoiser_client.lora import LoraRef
 from denoiser_client.lora import LoraAdapters, LoraError
 from denoiser_client.pipeline import load_denoiser, remote_embeddings
 

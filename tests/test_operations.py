@@ -1,5 +1,5 @@
-"""Health, drain, metrics, the GPU watchdog and failover across replicas (RELIABILITY rows 1, 2,
-11, 12), against real servers: in-process where a model must be held back, real `promptcast serve`
+"""Health, drain, metrics, the GPU watchdog and failover across replicas (a replica killed mid-stream, all
+replicas down), against real servers: in-process where a model must be held back, real `promptcast serve`
 subprocesses where signals and kills are the point."""
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def test_client_health_checks_keep_calls_off_a_not_serving_replica(loaded_flux1,
         with RemoteTextEncoder(warming, timeout=30, retries=1) as alone:
             with pytest.raises(errors.ServerUnavailable, match="up but not serving"):
                 alone.models()
-        assert background.server.metrics.active == 0 and not list(background.server.metrics.requests.collect()[0]
+        assert background.server.calls.active == 0 and not list(background.server.metrics.requests.collect()[0]
                                                                   .samples)  # no call reached it
     finally:
         gate.set()

@@ -137,13 +137,13 @@ def test_flux1_sized_embedding_crosses_default_grpc_limits(tiny_flux1, tmp_path)
 
 
 def test_flux2_sized_embedding_streams_through_default_limits(tiny_flux1):
-    """RELIABILITY row 6: a (512, 15360) bf16 embedding (15 MiB, FLUX.2-dev's) through a real server and client
+    """A (512, 15360) bf16 embedding (15 MiB, FLUX.2-dev's) through a real server and client
     with default gRPC limits, checksums verified. The encoder is the real tiny FLUX.1 one with its T5 output
     widened to FLUX.2-dev's width, since a 15360-wide Mistral does not fit a CI machine."""
     from denoiser_client import RemoteTextEncoder
     from encoder_server.families import family_class
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
-    from encoder_server.sources import resolve_source
+    from shared.sources import resolve_source
 
     class WideEncoder(family_class("flux1")):
         def fingerprint_parts(self):  # other bytes, other cache keys

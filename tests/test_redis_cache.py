@@ -1,5 +1,5 @@
 """The Redis tier against a real `redis-server` (Debian package `redis-server`): replicas share it,
-tampered or foreign values are misses (RELIABILITY row 17), and a Redis outage is never a server outage."""
+tampered or foreign values are misses, and a Redis outage is never a server outage."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TLS, mTLS and bearer tokens (RELIABILITY rows 13 and 14), against real servers and a real PKI
+"""TLS, mTLS and bearer tokens (a failed handshake runs no RPC; tokens are compared in constant time), against
+real servers and a real PKI
 made with the `openssl` command."""
 
 from __future__ import annotations

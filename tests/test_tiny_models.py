@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared import tiny_models
-from shared.tiny_models import FAMILIES, make_tiny_model
+from promptcast import tiny_models
+from promptcast.tiny_models import FAMILIES, make_tiny_model
 
 PIPELINES = {
     "flux1": diffusers.FluxPipeline,

@@ -8,8 +8,9 @@ from typing import ClassVar
 
 import torch
 
-from encoder_server.sources import ModelSource
+from shared.sources import ModelSource
 from shared.cache_keys import model_fingerprint
+from shared.families import FAMILIES
 from shared.tensor_codec import DTYPE_NAMES
 
 
@@ -30,8 +31,6 @@ class Encoder(ABC):
     """A family's text encoders, loaded on one device, encoding a batch of prompts at a time."""
 
     family: ClassVar[str]
-    # Folders whose files define the output bytes (hashed into the fingerprint).
-    encoder_folders: ClassVar[tuple[str, ...]]
     # Whether a second prompt list feeds a second text encoder (FLUX.1's T5).
     takes_prompt_2: ClassVar[bool] = False
 
@@ -88,3 +87,9 @@ class Encoder(ABC):
             self._fingerprint = model_fingerprint(
                 {**self.fingerprint_parts(), "files": self.source.fingerprint(list(self.encoder_folders))})
         return self._fingerprint
+
+    @property
+    def encoder_folders(self) -> tuple[str, ...]:
+        """The folders whose files define the output bytes (hashed into the fingerprint): the family's text
+        components."""
+        return FAMILIES[self.family].text_components

@@ -14,7 +14,6 @@ from encoder_server.families.base import Encoder, OutputSpec
 
 class Flux1Encoder(Encoder):
     family = "flux1"
-    encoder_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     takes_prompt_2 = True
 
     def __init__(self, name, source, device, dtype, **options):

@@ -18,7 +18,7 @@ from torch import nn
 
 from encoder_server.errors import SourceError
 from encoder_server.families.base import Encoder, OutputSpec
-from encoder_server.sources import ModelSource
+from shared.sources import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,6 @@ class StackedHiddenStatesEncoder(Encoder):
     `hidden_states_layers` stacked per token to (B, L, len(layers) * hidden_size). Subclasses name the layers and
     call their pipeline's own encode function in `encode`."""
 
-    encoder_folders = ("text_encoder", "tokenizer")
     hidden_states_layers: tuple[int, ...]
     # regex -> replacement from the checkpoint's tensor names to the bare decoder's (None: transformers' own)
     key_mapping: dict[str, str] | None = None

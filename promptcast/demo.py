@@ -7,10 +7,6 @@ import time
 from pathlib import Path
 
 
-def default_home() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptcast"
-
-
 def _quiet() -> None:
     """The demo prints its own report: keep library logs and progress bars out of it."""
     import logging
@@ -34,10 +30,11 @@ def run_demo(out: str = "promptcast-demo.png", prompt: str = "a red fox sitting 
     from denoiser_client.generate import GenerateOptions, generate
     from denoiser_client.remote import RemoteTextEncoder
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
-    from shared.tiny_models import make_tiny_model
+    from promptcast.tiny_models import make_tiny_model
+    from shared.config import cache_home
 
     started = time.perf_counter()
-    model_dir = make_tiny_model(default_home() / f"tiny-{family}", family)
+    model_dir = make_tiny_model(cache_home() / f"tiny-{family}", family)
     echo(f"tiny {family} model: {model_dir}")
     with BackgroundServer(ServerConfig([ModelSpec(str(model_dir), name=f"tiny-{family}")], port=0)) as server:
         echo(f"encoder server: {server.address} (text encoders only)")

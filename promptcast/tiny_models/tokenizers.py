@@ -1,27 +1,17 @@
-"""Tiny, offline FLUX-family diffusers folders for tests and the `demo` command.
+"""Tokenizers for the tiny models, built here from an embedded English corpus, so nothing is downloaded.
 
-Every component is the real class the diffusers pipeline expects, with a small config and seeded random weights.
-Tokenizers are built here from an embedded English corpus with a deterministic BPE learner (the `tokenizers`
-trainers break ties differently from run to run, which would change the written bytes), so nothing is downloaded.
+Each is the class the real model's folder names, with a small vocabulary. The BPE learner is deterministic (the
+`tokenizers` trainers break ties differently from run to run, which would change the written bytes).
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import math
-import os
-import pathlib
-import shutil
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-FAMILIES = ("flux1", "flux2", "flux2-klein")
-_PIPELINES = {"flux1": "FluxPipeline", "flux2": "Flux2Pipeline", "flux2-klein": "Flux2KleinPipeline"}
 
 # Prompt-like English; the last lines are FLUX.2's system message, which Flux2Pipeline puts before every prompt.
 _CORPUS = """\
@@ -194,7 +184,7 @@ def _byte_level_pre_tokenizer():
     )
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     base = CLIPTokenizer()  # empty vocab: used only for CLIP's normalizer and pre-tokenizer
@@ -208,7 +198,7 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _t5_tokenizer():
+def t5_tokenizer():
     from transformers import T5TokenizerFast
 
     # A Unigram vocab: the pieces BPE splits the corpus into, scored by log frequency. Every printable Latin-1
@@ -223,7 +213,7 @@ def _t5_tokenizer():
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _mistral_tokenizer():
+def mistral_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab, merges = _byte_level_bpe(1000, _MISTRAL_SPECIALS, specials_first=True)
@@ -240,7 +230,7 @@ def _mistral_tokenizer():
     )
 
 
-def _qwen3_tokenizer():
+def qwen3_tokenizer():
     from transformers import Qwen2TokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -253,231 +243,3 @@ def _qwen3_tokenizer():
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials[1:]])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
     return tok
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------
-def _scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    # FLUX.1-dev's and FLUX.2's settings; both pipelines pass `mu`, which needs dynamic shifting.
-    return FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-
-
-def _flux2_vae():
-    from diffusers import AutoencoderKLFlux2
-
-    # Two blocks: latents are 1/2 of the image; 4 latent channels -> 16 after the pipeline's 2x2 patchify.
-    return AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-    )
-
-
-def _flux2_transformer(joint_attention_dim: int, guidance_embeds: bool):
-    from diffusers import Flux2Transformer2DModel
-
-    return Flux2Transformer2DModel(
-        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=joint_attention_dim, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=guidance_embeds,
-    )
-
-
-def _build_flux1(seeded):
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
-    # CLIP's pooled output (hidden 32) feeds pooled_projection_dim, T5's states (d_model 48) joint_attention_dim;
-    # different widths make a swapped pair of tensors fail loudly downstream.
-    clip_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_2), d_model=48, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )
-    return FluxPipeline(
-        scheduler=_scheduler(),
-        text_encoder=seeded(CLIPTextModel, clip_config),
-        tokenizer=tokenizer,
-        text_encoder_2=seeded(T5EncoderModel, t5_config),
-        tokenizer_2=tokenizer_2,
-        # in_channels 16 = 4 latent channels x the pipeline's 2x2 packing; rope axes (4, 4, 8) sum to the head dim.
-        transformer=seeded(
-            FluxTransformer2DModel, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32,
-            guidance_embeds=True, axes_dims_rope=(4, 4, 8),
-        ),
-        vae=seeded(
-            AutoencoderKL, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
-        ),
-    )
-
-
-def _build_flux2(seeded):
-    from diffusers import Flux2Pipeline
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
-
-    tokenizer = _mistral_tokenizer()
-    # 31 layers: hidden_states[30], the deepest one the pipeline stacks, must not be the last one, which
-    # transformers returns after the final norm (the real model has 40 layers).
-    text_config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=31, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=4096, sliding_window=None,
-        bos_token_id=1, eos_token_id=2, pad_token_id=11,
-    )
-    vision_config = PixtralVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
-        image_size=32, patch_size=8,
-    )
-    config = Mistral3Config(text_config=text_config, vision_config=vision_config, image_token_index=10)
-    return Flux2Pipeline(
-        scheduler=_scheduler(),
-        text_encoder=seeded(Mistral3ForConditionalGeneration, config),
-        tokenizer=tokenizer,
-        transformer=seeded(_flux2_transformer, joint_attention_dim=3 * 32, guidance_embeds=True),
-        vae=seeded(_flux2_vae),
-    )
-
-
-def _build_flux2_klein(seeded):
-    from diffusers import Flux2KleinPipeline
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tokenizer = _qwen3_tokenizer()
-    # 28 layers: hidden_states[27], the deepest one stacked, must not be the final-normed last one (real: 36).
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=28, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    # Like FLUX.2 [klein] 4B: step-distilled, so no guidance embedding and no CFG pass.
-    return Flux2KleinPipeline(
-        scheduler=_scheduler(),
-        text_encoder=seeded(Qwen3ForCausalLM, config),
-        tokenizer=tokenizer,
-        transformer=seeded(_flux2_transformer, joint_attention_dim=3 * 24, guidance_embeds=False),
-        vae=seeded(_flux2_vae),
-        is_distilled=True,
-    )
-
-
-_BUILDERS = {"flux1": _build_flux1, "flux2": _build_flux2, "flux2-klein": _build_flux2_klein}
-# transformers 5 names its tokenizers without "Fast"; the published model_index.json files use these names,
-# which also resolve in transformers 4 (where the non-Fast classes would need sentencepiece/vocab files).
-_TOKENIZER_CLASSES = {
-    "flux1": {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5TokenizerFast"},
-    "flux2": {"tokenizer": "PreTrainedTokenizerFast"},
-    "flux2-klein": {"tokenizer": "Qwen2TokenizerFast"},
-}
-
-
-def _write(family: str, seed: int, out: pathlib.Path):
-    counter = iter(range(1000))
-
-    def seeded(build, *args, **kwargs):
-        # Each component gets its own seed, so adding one never changes another's weights.
-        torch.manual_seed(seed * 1000 + next(counter))
-        return build(*args, **kwargs).eval()
-
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
-        pipe = _BUILDERS[family](seeded)
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bars for a 1 MB model
-    try:
-        pipe.save_pretrained(out)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    for file in out.rglob("*"):
-        if file.is_file():
-            file.chmod(0o644)  # safetensors files come out 0600; a shared model folder should be readable
-    index_file = out / "model_index.json"
-    index = json.loads(index_file.read_text())
-    for name, cls in _TOKENIZER_CLASSES[family].items():
-        index[name] = ["transformers", cls]
-    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _is_complete(path: pathlib.Path, family: str) -> bool:
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if index.get("_class_name") != _PIPELINES[family]:
-        return False
-    parts = [name for name, value in index.items() if isinstance(value, list) and value[0] is not None]
-    return all((path / name).is_dir() and any((path / name).iterdir()) for name in parts)
-
-
-def make_tiny_model(
-    path: str | os.PathLike, family: str = "flux1", *, seed: int = 0, overwrite: bool = False
-) -> pathlib.Path:
-    r"""
-    Write a complete, small diffusers folder for a FLUX family, fully offline.
-
-    Every component is the class the diffusers pipeline loads (for example `FluxTransformer2DModel`,
-    `T5EncoderModel`, `Mistral3ForConditionalGeneration`, `Qwen3ForCausalLM`) with a tiny config and seeded random
-    weights; tokenizers are trained here on an embedded English corpus. The result loads with the pipeline's plain
-    `from_pretrained` and produces (noise) images in well under a second on a CPU.
-
-    Args:
-        path (`str` or `os.PathLike`):
-            The folder to write. It is built in a hidden sibling folder and renamed into place, so a crash never
-            leaves a half-written model here.
-        family (`str`, *optional*, defaults to `"flux1"`):
-            One of `FAMILIES`: `"flux1"` (`FluxPipeline`), `"flux2"` (`Flux2Pipeline`) or `"flux2-klein"`
-            (`Flux2KleinPipeline`).
-        seed (`int`, *optional*, defaults to 0):
-            Seed of the random weights. The same seed writes the same bytes.
-        overwrite (`bool`, *optional*, defaults to `False`):
-            Rebuild even if `path` already holds a complete model of `family`, and replace whatever `path` holds.
-
-    Returns:
-        `pathlib.Path`: `path`, made absolute.
-
-    Raises:
-        `ValueError`: if `family` is unknown.
-        `FileExistsError`: if `path` exists, is not empty and holds no complete `family` model, and `overwrite` is
-            `False`.
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    path = pathlib.Path(os.path.abspath(path))
-    if not overwrite and _is_complete(path, family):
-        return path
-    if not overwrite and path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and does not hold a complete {family} model; pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-    try:
-        _write(family, seed, tmp)
-        if path.is_dir() and not path.is_symlink():
-            os.replace(path, old)  # a directory cannot be renamed over a non-empty one: move it aside first
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            # Another process finished the same model first: use theirs.
-            if not overwrite and _is_complete(path, family):
-                return path
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return path

@@ -1,0 +1,5 @@
+"""`python -m promptcast`: the `promptcast` command."""
+
+from promptcast.cli import main
+
+main()

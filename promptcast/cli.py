@@ -1,0 +1,105 @@
+"""The `promptcast` command: the front door above the encoder server and the denoiser node.
+
+Logging is set up before anything heavy is imported, and no command module imports torch or grpc at import time,
+so `promptcast --help` stays fast. Every failure ends as one `error: ...` line on stderr and a non-zero exit code
+(2 for a bad argument, 1 for anything else), never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from denoiser_client import cli as node
+from denoiser_client import precompute
+from encoder_server import cli as server
+from promptcast import cache_cli
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Serve text encoders on a big GPU box; denoise on small ones.")
+app.command("serve")(server.serve)
+app.command("models")(node.models)
+app.command("generate")(node.generate)
+app.command("batch")(node.batch)
+app.command("encode")(precompute.encode)
+app.add_typer(cache_cli.app, name="cache")
+
+
+@app.command("demo")
+def demo(out: Annotated[Path, typer.Option(help="Where to save the image.")] = Path("promptcast-demo.png"),
+         prompt: str = "a red fox sitting in a snowy forest at dusk",
+         family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein...")] = "flux1"):
+    """Offline end-to-end demo: tiny model, local encoder server, one image through gRPC."""
+    from promptcast.demo import run_demo
+
+    _check_family(family)
+    run_demo(str(out), prompt, family, echo=typer.echo)
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(path: Path,
+                    family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein...")] = "flux1",
+                    seed: int = 0, overwrite: bool = False):
+    """Write a complete small diffusers folder (real classes, random weights, local tokenizers)."""
+    _check_family(family)
+    from promptcast.tiny_models import make_tiny_model as make
+
+    typer.echo(make(path, family, seed=seed, overwrite=overwrite))
+
+
+def _check_family(family: str) -> None:
+    from shared.families import FAMILIES
+
+    if family not in FAMILIES:
+        raise ValueError(f"--family {family!r} is not one of {', '.join(FAMILIES)}")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("PROMPTCAST_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _expected(error: BaseException) -> bool:
+    """Errors promptcast raises on purpose (their message is the whole story). Imported only once one happened."""
+    from denoiser_client.errors import PromptcastError
+    from encoder_server.errors import EncoderServerError
+
+    return isinstance(error, (PromptcastError, EncoderServerError, ValueError, OSError))
+
+
+def main(argv: list[str] | None = None) -> None:
+    _setup_logging()
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except click.exceptions.ClickException as e:  # a usage error: unknown option, a value of the wrong type
+        command = e.ctx.command_path if getattr(e, "ctx", None) else "promptcast"
+        typer.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - nothing reaches a person as a traceback
+        if not _expected(e):
+            logging.getLogger("promptcast").debug("unexpected error", exc_info=e)
+            typer.echo(f"error: unexpected {type(e).__name__}: {e} (set PROMPTCAST_LOG_LEVEL=DEBUG to see where it "
+                       "came from)", err=True)
+            sys.exit(1)
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2 if isinstance(e, ValueError) else 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
