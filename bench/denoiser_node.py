@@ -107,7 +107,7 @@ def light_encoders(device, dtype) -> dict:
 
 def memory_embedder(encoder, texts):
     """Precomputed embeddings, computed in this process (so the server's cache stays cold for part 3)."""
-    from denoiser_client.batch import MemoryEmbedder
+    from denoiser_client.embeddings import MemoryEmbedder
 
     out = {}
     for text in texts:
@@ -155,7 +155,7 @@ def run(args) -> dict:
     from diffusers import FluxPipeline
 
     from denoiser_client import RemoteTextEncoder
-    from denoiser_client.batch import RemoteEmbedder
+    from denoiser_client.embeddings import RemoteEmbedder
     from denoiser_client.vram import VramOptions, enable_vae_tiling, transformer_bytes
     from encoder_server.families.base import Encoder
     from encoder_server.families.flux1 import Flux1Encoder

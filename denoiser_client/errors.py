@@ -59,6 +59,12 @@ class IncompatibleModel(PromptcastError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class OutOfGpuMemory(PromptcastError):
+    """The node ran out of GPU memory in a pipeline call; the message names the memory plan and the next to try."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 _BY_CODE = {cls.code: cls for cls in (InvalidArgument, ModelNotFound, ServerUnavailable, ServerOverloaded,
                                       DeadlineExceeded, Unauthenticated, EncodeError)}
 

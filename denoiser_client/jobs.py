@@ -2,7 +2,9 @@
 
 A line is either DataFlow's `{"conversations": [{"role": "user", "content": "..."}]}` (the text is the last user
 turn) or a plain `{"prompt": ..., "id", "seed", "steps", "guidance", "width", "height", "negative_prompt",
-"loras": [{"path", "weight"}], "images": [...]}`. Command-line options are defaults; a line's fields win.
+"true_cfg_scale", "loras": [{"path", "weight"}], "reference_images": [...]}`. Command-line options are defaults; a
+line's fields win. Other fields are the line's own data, echoed into its result line. `images` is what
+`results.jsonl` lines carry (a result fed back as a job): an earlier output, never read as an input.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from denoiser_client.errors import InvalidArgument
-from denoiser_client.generate import GenerateOptions
 from denoiser_client.lora import LoraRef, absolute_path, parse_lora
+from denoiser_client.node import RenderItem
+from denoiser_client.options import GenerateOptions, line_field, option_problems
 from shared.cache_keys import canonical_json
 from shared.prompts import prompt_text
 
@@ -31,36 +35,26 @@ class JobDefaults(GenerateOptions):
 
 
 @dataclass
-class JobItem:
+class JobItem(RenderItem):
     """One good line: what is encoded, how it is denoised, and the object it came from."""
 
-    line: int  # 1-based line number in the job file
-    source: dict  # the line's object, echoed into results.jsonl
-    prompt: str  # the text sent to the encoder (an object prompt is its compact JSON)
-    seed: int
-    steps: int | None
-    guidance: float | None
-    width: int | None
-    height: int | None
-    negative_prompt: str | None
-    true_cfg_scale: float | None
-    loras: tuple[LoraRef, ...]
-    input_images: tuple[str, ...]
-    id: str | None
-    key: str = field(default="")
-    negative_text: str | None = None  # what the pipeline's CFG rule needs encoded (set by the runner)
+    line: int = 0  # 1-based line number in the job file
+    source: dict = field(default_factory=dict)  # the line's object, echoed into results.jsonl
+    id: str | None = None
+    key: str = ""  # of the image: lines with the same key share one image, made once
+    record: str = ""  # of the line's result: every input line gets its own result line, once
 
     def params(self) -> dict:
         """The effective parameters (hashed into the key, written to the result line)."""
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
                 "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
-                "true_cfg_scale": self.true_cfg_scale, "input_images": list(self.input_images),
+                "true_cfg_scale": self.true_cfg_scale, "reference_images": list(self.reference_images),
                 "loras": [{"path": lora.path, "weight": lora.weight} for lora in self.loras]}
 
     def batch_group(self) -> tuple:
         """Items whose group is equal can be denoised in one pipeline call."""
         return (self.loras, self.steps, self.guidance, self.width, self.height, self.true_cfg_scale,
-                self.negative_text is not None, self.input_images)
+                self.negative_text is not None, self.reference_images)
 
 
 @dataclass(frozen=True)
@@ -75,7 +69,7 @@ class BadLine:
 # field -> accepted JSON types (bool is excluded from numbers below: json's true is not a seed)
 _FIELD_TYPES = {"id": (str, int), "seed": (int,), "steps": (int,), "guidance": (int, float), "width": (int,),
                 "height": (int,), "negative_prompt": (str,), "true_cfg_scale": (int, float), "loras": (list,),
-                "images": (list,), "prompt": (str, dict, list)}
+                "reference_images": (list,), "prompt": (str, dict, list)}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
@@ -157,23 +151,24 @@ def parse_line(text: str, line: int, defaults: JobDefaults, base: Path) -> JobIt
     _check_types(obj)
     prompt = prompt_of(obj)
     pick = lambda name, default: default if obj.get(name) is None else obj[name]  # noqa: E731
-    width, height = pick("width", defaults.width), pick("height", defaults.height)
-    for name, value in (("width", width), ("height", height)):
-        if value is not None and (value <= 0 or value % 16):
-            raise ValueError(f"{name}={value} must be a positive multiple of 16 (e.g. {max(16, value // 16 * 16)})")
-    steps = pick("steps", defaults.steps)
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps={steps} must be at least 1")
-    images = obj.get("images") or []
-    if not all(isinstance(p, str) for p in images):
-        raise ValueError("'images' must be a list of file paths (input images for editing pipelines)")
-    loras = _loras(obj["loras"], base) if obj.get("loras") is not None else defaults.loras
     guidance, true_cfg = pick("guidance", defaults.guidance), pick("true_cfg_scale", defaults.true_cfg_scale)
-    item = JobItem(line=line, source=obj, prompt=prompt, seed=int(pick("seed", defaults.seed)), steps=steps,
-                   guidance=None if guidance is None else float(guidance), width=width, height=height,
-                   negative_prompt=pick("negative_prompt", defaults.negative_prompt),
-                   true_cfg_scale=None if true_cfg is None else float(true_cfg), loras=loras,
-                   input_images=tuple(absolute_path(p, base) for p in images), id=obj.get("id"))
+    options = GenerateOptions(seed=pick("seed", defaults.seed), steps=pick("steps", defaults.steps),
+                              guidance=None if guidance is None else float(guidance),
+                              width=pick("width", defaults.width), height=pick("height", defaults.height),
+                              negative_prompt=pick("negative_prompt", defaults.negative_prompt),
+                              true_cfg_scale=None if true_cfg is None else float(true_cfg))
+    problems = option_problems(options, line_field)
+    if problems:
+        raise ValueError("; ".join(problems))
+    references = obj.get("reference_images") or []
+    if not all(isinstance(p, str) for p in references):
+        raise ValueError("'reference_images' must be a list of image file paths (FLUX.2 reference images)")
+    loras = _loras(obj["loras"], base) if obj.get("loras") is not None else defaults.loras
+    item = JobItem(prompt=prompt, seed=options.seed, steps=options.steps, guidance=options.guidance,
+                   width=options.width, height=options.height, negative_prompt=options.negative_prompt,
+                   true_cfg_scale=options.true_cfg_scale, loras=loras,
+                   reference_images=tuple(absolute_path(p, base) for p in references), line=line, source=obj,
+                   id=obj.get("id"))
     item.key = item_key(defaults, item.params(), item.id)
     return item
 
@@ -183,26 +178,45 @@ def read_job_file(path: str | os.PathLike, defaults: JobDefaults, *, shard: tupl
     """Parse a job file: (good items, bad lines), both in file order, restricted to this node's shard.
 
     Sharding counts non-blank lines, good or bad, so N shards cover the file exactly once and each bad line is
-    reported by exactly one node. With `strict`, the first bad line raises `InvalidArgument`.
+    reported by exactly one node. A line that is not UTF-8 is a bad line like any other. With `strict`, the first
+    bad line raises `InvalidArgument`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgument(f"job file {str(path)!r} does not exist")
+    path = check_job_file(path)
     index, count = shard
     base = path.parent.absolute()
     items, bad = [], []
     position = -1
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
+    seen: Counter = Counter()
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             position += 1
             if position % count != index:
                 continue
             try:
-                items.append(parse_line(text, number, defaults, base))
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not UTF-8 text (byte {e.start} of the line)") from None
+                item = parse_line(text, number, defaults, base)
             except ValueError as e:
                 if strict:
                     raise InvalidArgument(f"{path}:{number}: {e} (--strict stops at the first bad line)") from None
                 bad.append(BadLine(number, str(e)))
+                continue
+            # Identical lines are each their own result; the occurrence tells them apart.
+            identity = (item.key, canonical_json(item.source))
+            item.record = hashlib.sha256(canonical_json([item.key, item.source, seen[identity]])).hexdigest()
+            seen[identity] += 1
+            items.append(item)
     return items, bad
+
+
+def check_job_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidArgument(f"job file {str(path)!r} is a folder: pass a JSON-lines file")
+    if not path.is_file():
+        raise InvalidArgument(f"job file {str(path)!r} does not exist")
+    return path

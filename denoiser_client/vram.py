@@ -1,18 +1,19 @@
 """Making the transformer fit a small card: dtype, fp8/nf4/int8 weights, CPU offloading, VAE tiling.
 
-`--quantize fp8` uses diffusers' layerwise casting (`diffusers.hooks.apply_layerwise_casting`): weights are stored in
-float8_e4m3fn and each layer is upcast to the compute dtype just before it runs. We chose it over torchao's
-float8 weight-only config because it is part of diffusers itself (no extra dependency whose API moves between
-releases, kept working with diffusers' own offloading and LoRA hooks), it works on every device including CPU (so
-it is tested here), it needs no compile or warm-up, and torchao's weight-only float8 path dequantises before a
-bf16 matmul just the same, so it is not faster; torchao's faster fp8 path also quantises activations, which is not
-"computed in bf16" any more.
+A node's *memory plan* is one `VramOptions`. The named plans (`PLANS`, fastest first) are what `--vram auto` picks
+from (`vram_plans.pick_plan`); `--vram NAME` asks for one, and `--quantize/--offload/--vae-tiling` build any other.
 
-What stays in the compute dtype: the embedders, the final `norm_out`/`proj_out` (`FP8_KEEP`). Unlike diffusers'
-default skip list (whose "norm" pattern also keeps every block's AdaLN modulation Linear, about 3.2 B of FLUX.1's
-11.9 B parameters, in bf16), the modulation layers are stored in fp8 like every other block Linear, as fp8 FLUX
-checkpoints commonly store them: the FLUX.1 transformer drops from 14.1 to about 11.1 GiB, so a 1024x1024 image fits
-a 16 GB card. (Norm layers themselves are not Linear and never cast.)
+`--quantize fp8` on a node is diffusers' layerwise casting (`diffusers.hooks.apply_layerwise_casting`): weights are
+stored in float8_e4m3fn and each layer is upcast to the compute dtype just before it runs. (The encoder server's
+`--quantize fp8` is torchao's float8 weight-only config; its `fp8-dynamic` also quantizes activations.) We chose
+layerwise casting for nodes because it is part of diffusers itself (kept working with diffusers' own offloading and
+LoRA hooks), works on every device including CPU (so it is tested here), needs no compile or warm-up, and torchao's
+weight-only float8 path dequantises before a bf16 matmul just the same, so it is not faster.
+
+What stays in the compute dtype under fp8: the embedders and the final `norm_out`/`proj_out` (`FP8_KEEP`). Unlike
+diffusers' default skip list (whose "norm" pattern also keeps every block's AdaLN modulation Linear, about 3.2 B of
+FLUX.1's 11.9 B parameters, in bf16), the modulation layers are stored in fp8 like every other block Linear, as fp8
+FLUX checkpoints commonly store them: the FLUX.1 transformer drops from 22.2 to 11.1 GiB.
 
 `--quantize nf4|int8` uses bitsandbytes, which only runs on CUDA; it is refused on CPU before anything is loaded.
 Whatever the options, text encoders are never loaded: `load_denoiser` passes them as None.
@@ -24,9 +25,8 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from denoiser_client.errors import InvalidArgument
+from shared.config import BITSANDBYTES_HINT
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ OFFLOAD = ("model", "sequential", "group")
 @dataclass(frozen=True)
 class VramOptions:
     r"""
-    How the denoiser's weights are held.
+    How the denoiser's weights are held: one memory plan.
 
     Args:
         quantize (`str`, *optional*):
@@ -55,6 +55,16 @@ class VramOptions:
     offload: str | None = None
     vae_tiling: bool = False
 
+    @property
+    def name(self) -> str:
+        """The plan's name in `PLANS`, or its options spelled out."""
+        for name, plan in PLANS.items():
+            if plan == self:
+                return name
+        parts = [self.quantize or "full", *([f"{self.offload}-offload"] if self.offload else []),
+                 *(["tiling"] if self.vae_tiling else [])]
+        return "+".join(parts)
+
     def check(self, device: str) -> None:
         """Refuse impossible combinations before any weight is read."""
         if self.quantize is not None and self.quantize not in QUANTIZE:
@@ -67,7 +77,7 @@ class VramOptions:
                 raise InvalidArgument(f"--quantize {self.quantize} uses bitsandbytes, which needs a CUDA device, but "
                                       f"--device is {device!r}: use --quantize fp8 (works everywhere) or a CUDA device")
             if importlib.util.find_spec("bitsandbytes") is None:
-                raise InvalidArgument(f"--quantize {self.quantize} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+                raise InvalidArgument(f"--quantize {self.quantize} needs bitsandbytes: {BITSANDBYTES_HINT}")
         if self.offload is not None and not on_cuda:
             raise InvalidArgument(f"--offload {self.offload} moves weights between CPU memory and a GPU, but --device is "
                                   f"{device!r}: drop --offload or use a CUDA device")
@@ -75,7 +85,14 @@ class VramOptions:
             raise InvalidArgument(f"--offload {self.offload} cannot move bitsandbytes {self.quantize} weights; "
                                   "use --quantize fp8 with offloading, or no offloading")
 
-    def from_pretrained_kwargs(self, dtype: torch.dtype) -> dict:
+    def usable(self, device: str) -> bool:
+        try:
+            self.check(device)
+        except InvalidArgument:
+            return False
+        return True
+
+    def from_pretrained_kwargs(self, dtype) -> dict:
         """Extra `from_pretrained` arguments: bitsandbytes quantises the transformer while it loads."""
         if self.quantize not in ("nf4", "int8"):
             return {}
@@ -86,8 +103,10 @@ class VramOptions:
                   if self.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
         return {"quantization_config": PipelineQuantizationConfig(quant_mapping={"transformer": config})}
 
-    def apply(self, pipe, device: str, dtype: torch.dtype):
+    def apply(self, pipe, device: str, dtype):
         """Cast, place and offload a freshly loaded pipeline; returns it."""
+        import torch
+
         if self.quantize == "fp8":
             from diffusers.hooks import apply_layerwise_casting
 
@@ -111,18 +130,33 @@ class VramOptions:
         return pipe
 
 
+# The plans `--vram auto` chooses from and `--vram NAME` names, fastest first on the GPUs measured (the order
+# `vram_plans` keeps per family is the measured one).
+PLANS: dict[str, VramOptions] = {
+    "full": VramOptions(),
+    "full+tiling": VramOptions(vae_tiling=True),
+    "fp8": VramOptions(quantize="fp8"),
+    "fp8+tiling": VramOptions(quantize="fp8", vae_tiling=True),
+    "nf4+tiling": VramOptions(quantize="nf4", vae_tiling=True),
+    "fp8+group-offload": VramOptions(quantize="fp8", offload="group", vae_tiling=True),
+    "sequential-offload": VramOptions(offload="sequential", vae_tiling=True),
+}
+
+
+def plan_named(name: str) -> VramOptions:
+    if name not in PLANS:
+        raise InvalidArgument(f"--vram {name!r} is not a memory plan: use auto or one of {', '.join(PLANS)}")
+    return PLANS[name]
+
+
 def enable_vae_tiling(vae) -> None:
     """Tiled (and, for batches, sliced) decoding. The FLUX VAE only tiles images larger than its sample size
     (1024 px), so its tile is halved: a 1024x1024 image then decodes in overlapping 512 px tiles as well."""
+    if getattr(vae, "use_tiling", False):
+        return
     vae.enable_tiling()
     if hasattr(vae, "enable_slicing"):
         vae.enable_slicing()
     if getattr(vae, "tile_sample_min_size", 0) >= 1024 and hasattr(vae, "tile_latent_min_size"):
         vae.tile_sample_min_size //= 2
         vae.tile_latent_min_size //= 2
-
-
-def transformer_bytes(pipe) -> int:
-    """Bytes held by the transformer's parameters and buffers (after quantisation)."""
-    module = pipe.transformer
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

@@ -60,16 +60,46 @@ def serve(
                                               "start-up per batch size; CUDA only; combines with --compile).")] = False,
 ):
     """Run the encoder server: text encoders only, embeddings streamed over gRPC."""
+    from encoder_server.cache import default_memory_bytes
     from encoder_server.server import EncoderServer, ModelSpec, ServerConfig
     from encoder_server.service import Limits
     from encoder_server.tls import check_options
-    from encoder_server.cache import default_memory_bytes
-    from shared.config import parse_bytes, resolve_device
+    from shared.config import check_dtype, check_port, check_port_free, parse_bytes, resolve_device
     from shared.disk_cache import default_cache_dir
+    from shared.families import FAMILIES, PIPELINE_FAMILIES, family_of_pipeline
+    from shared.sources import resolve_source
 
+    # Everything is checked before a model loads (minutes, on a real box).
     if cache_redis and not cache_redis.startswith(("redis://", "rediss://", "unix://")):
-        raise typer.BadParameter(f"{cache_redis!r} is not a Redis URL: use redis://host:6379/0",
-                                 param_hint="--cache-redis")
+        raise ValueError(f"--cache-redis {cache_redis!r} is not a Redis URL: use redis://host:6379/0")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"--family {family!r} is not one of {', '.join(FAMILIES)}")
+    check_dtype(dtype)
+    for flag, value in (("--port", port), ("--metrics-port", metrics_port), ("--health-port", health_port)):
+        check_port(value, flag)
+    for flag, value, least in (("--max-batch-size", max_batch_size, 1), ("--max-queue", max_queue, 1),
+                               ("--max-prompts-per-call", max_prompts_per_call, 1),
+                               ("--max-prompt-chars", max_prompt_chars, 1), ("--max-batch-tokens", max_batch_tokens, 1),
+                               ("--max-wait-ms", max_wait_ms, 0), ("--grace", grace, 0), ("--gpu-timeout", gpu_timeout, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value} must be at least {least}")
+    for flag, value in (("--cache-mem", cache_mem), ("--cache-disk-max", cache_disk_max)):
+        if value != "auto":
+            try:
+                parse_bytes(value)
+            except ValueError as e:
+                raise ValueError(f"{flag} {e}") from None
+    names = [ModelSpec.parse(m, family) for m in model]
+    for spec in names:
+        if not spec.source:
+            raise ValueError(f"--model {spec.name}=: give a source after '=' (a hub repo id or a local folder)")
+        index = resolve_source(spec.source).read_json("model_index.json")  # names the file and the fix if bad
+        if family is None and family_of_pipeline(index.get("_class_name")) is None:
+            raise ValueError(f"--model {spec.source!r} is a {index.get('_class_name')!r}; promptcast serves "
+                             f"{', '.join(sorted(PIPELINE_FAMILIES))} (or pass --family)")
+    device = resolve_device(device)
+    for flag, value in (("--port", port), ("--metrics-port", metrics_port), ("--health-port", health_port)):
+        check_port_free(host, value, flag)
     if cache_dir is None:
         cache_dir = str(default_cache_dir())
     elif cache_dir.lower() == "none":
@@ -78,7 +108,7 @@ def serve(
     check_options(tls_cert, tls_key, tls_client_ca)
 
     config = ServerConfig(
-        models=[ModelSpec.parse(m, family) for m in model], host=host, port=port, device=resolve_device(device),
+        models=names, host=host, port=port, device=device,
         dtype=dtype, grace=grace, limits=Limits(max_prompts_per_call, max_prompt_chars),
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
         cache_mem=default_memory_bytes() if cache_mem == "auto" else parse_bytes(cache_mem), cache_dir=cache_dir,

@@ -21,7 +21,7 @@ from encoder_server.interceptors import CallCounter, ErrorMappingInterceptor
 from encoder_server.metrics import MetricsInterceptor, ServerMetrics
 from encoder_server.service import EmbeddingService, Limits
 from encoder_server.servicer import SERVICE_NAME, TextEncoderServicer, add_to_server
-from shared.config import parse_dtype
+from shared.config import check_port, parse_dtype
 from shared.disk_cache import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -121,18 +121,12 @@ class EncoderServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
-        address = f"{config.host}:{config.port}"
-        self.port = (self.server.add_secure_port(address, credentials) if credentials
-                     else self.server.add_insecure_port(address))
-        if self.port == 0:
-            raise OSError(f"could not bind {address}")
+        self.port = _bind(self.server, config.host, config.port, credentials, "--port")
         self.health_server = None
         if config.health_port is not None:
             self.health_server = aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(f"{config.host}:{config.health_port}")
-            if self.health_port == 0:
-                raise OSError(f"could not bind the health port {config.host}:{config.health_port}")
+            self.health_port = _bind(self.health_server, config.host, config.health_port, None, "--health-port")
         self.metrics_port: int | None = None
         self._watchdog: asyncio.Task | None = None
         self.stopped = asyncio.Event()
@@ -240,6 +234,21 @@ class EncoderServer:
 
 def _noop() -> None:
     return None
+
+
+def _bind(server, host: str, port: int, credentials, option: str) -> int:
+    """Add a listening port; an `OSError` naming the option when it cannot be had (gRPC would wrap a port over 65535
+    around, and raise a bare RuntimeError for one in use)."""
+    check_port(port, option)
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"{option} {port}: cannot listen on {address} (in use, or not an address of this machine); "
+                      f"pick another {option}, or {option} 0 for a free one")
+    return bound
 
 
 def health_status(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> str:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from denoiser_client import cli as node
@@ -34,12 +33,16 @@ app.add_typer(cache_cli.app, name="cache")
 @app.command("demo")
 def demo(out: Annotated[Path, typer.Option(help="Where to save the image.")] = Path("promptcast-demo.png"),
          prompt: str = "a red fox sitting in a snowy forest at dusk",
-         family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein...")] = "flux1"):
+         family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein...")] = "flux1",
+         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N: where both sides run.")] = "cpu"):
     """Offline end-to-end demo: tiny model, local encoder server, one image through gRPC."""
+    from denoiser_client.options import check_image_path
     from promptcast.demo import run_demo
+    from shared.config import resolve_device
 
     _check_family(family)
-    run_demo(str(out), prompt, family, echo=typer.echo)
+    check_image_path(out)
+    run_demo(str(out), prompt, family, device=resolve_device(device), echo=typer.echo)
 
 
 @app.command("make-tiny-model")
@@ -80,16 +83,16 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         code = app(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except click.exceptions.ClickException as e:  # a usage error: unknown option, a value of the wrong type
-        command = e.ctx.command_path if getattr(e, "ctx", None) else "promptcast"
-        typer.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+    except typer.TyperException as e:  # a usage error: unknown option, a value of the wrong type
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "promptcast"
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        typer.echo(f"error: {message} (see `{command} --help`)", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
     except Exception as e:  # noqa: BLE001 - nothing reaches a person as a traceback
         if not _expected(e):
             logging.getLogger("promptcast").debug("unexpected error", exc_info=e)

@@ -22,25 +22,28 @@ def _quiet() -> None:
 
 
 def run_demo(out: str = "promptcast-demo.png", prompt: str = "a red fox sitting in a snowy forest at dusk",
-             family: str = "flux1", seed: int = 0, echo=print) -> Path:
+             family: str = "flux1", seed: int = 0, device: str = "cpu", echo=print) -> Path:
     """Build (or reuse) a tiny model, serve its text encoders on a free local port, generate one
     image through gRPC on the denoiser side and report where the time and bytes went."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet()
-    from denoiser_client.generate import GenerateOptions, generate
+    from denoiser_client.generate import generate
+    from denoiser_client.options import GenerateOptions
     from denoiser_client.remote import RemoteTextEncoder
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
     from promptcast.tiny_models import make_tiny_model
-    from shared.config import cache_home
+    from shared.config import cache_home, parse_dtype
 
     started = time.perf_counter()
     model_dir = make_tiny_model(cache_home() / f"tiny-{family}", family)
     echo(f"tiny {family} model: {model_dir}")
-    with BackgroundServer(ServerConfig([ModelSpec(str(model_dir), name=f"tiny-{family}")], port=0)) as server:
+    config = ServerConfig([ModelSpec(str(model_dir), name=f"tiny-{family}")], port=0, device=device)
+    with BackgroundServer(config) as server:
         echo(f"encoder server: {server.address} (text encoders only)")
         with RemoteTextEncoder(server.address, timeout=120) as encoder:
             path, t = generate(encoder, str(model_dir), prompt, out,
-                               options=GenerateOptions(seed=seed, steps=4, width=64, height=64), progress=False)
+                               options=GenerateOptions(seed=seed, steps=4, width=64, height=64), device=device,
+                               dtype=parse_dtype("auto", device), progress=False)
     echo(f"image: {path.resolve()}")
     echo(f"encode {t.encode * 1000:.1f} ms | transfer {t.transfer * 1000:.1f} ms | denoise {t.denoise * 1000:.1f} ms"
          f" | decode {t.decode * 1000:.1f} ms | {t.wire_bytes:,} embedding bytes over gRPC"

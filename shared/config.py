@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import socket
 from pathlib import Path
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -77,3 +79,24 @@ def check_port(port: int | None, option: str = "--port", allow_zero: bool = True
     if port is not None and not (0 if allow_zero else 1) <= port <= 65535:
         raise ValueError(f"{option} {port} is not a port: use {'0 (a free one) to' if allow_zero else '1 to'} 65535")
     return port
+
+
+def check_port_free(host: str, port: int | None, option: str = "--port") -> None:
+    """Refuse a port another process listens on, before any model loads (0 and None pick one later)."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and uvicorn bind
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise OSError(f"{option} {port}: {host}:{port} is already in use (another server?); stop it, pick "
+                              f"another {option}, or use {option} 0 for a free one") from None
+            if e.errno in (errno.EACCES, errno.EPERM):
+                raise OSError(f"{option} {port}: not allowed to listen on {host}:{port} (ports below 1024 need "
+                              f"root); pick another {option}") from None
+            if e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror):
+                raise OSError(f"--host {host!r} is not an address of this machine") from None
+            raise

@@ -16,7 +16,8 @@ from PIL import Image
 
 from conftest import copy_model, free_port, run_cli
 from denoiser_client import RemoteTextEncoder
-from denoiser_client.batch import BatchOptions, RemoteEmbedder, run_batch
+from denoiser_client.batch import BatchOptions, run_batch
+from denoiser_client.embeddings import RemoteEmbedder
 from denoiser_client.errors import InvalidArgument
 from denoiser_client.jobs import JobDefaults, read_job_file
 from denoiser_client.pipeline import load_denoiser
@@ -187,15 +188,24 @@ def test_duplicates_are_encoded_once_and_batches_denoise_together(pipe, client, 
     assert not np.array_equal(images[0], images[1])  # their own seeds
 
 
-def test_encoder_unreachable_fails_items_clearly_then_a_rerun_completes(pipe, client, tmp_path):
-    job = write_job(tmp_path / "job.jsonl", [{"prompt": f"unreachable {i}"} for i in range(3)])
+def test_encoder_unreachable_stops_the_job_once_and_says_how_to_resume(pipe, client, tmp_path):
+    job = write_job(tmp_path / "job.jsonl", [{"prompt": f"unreachable {i}", "batch_size": 1} for i in range(3)])
     dead = RemoteTextEncoder(f"127.0.0.1:{free_port()}", retries=2, backoff=0.01, timeout=5)
-    options = BatchOptions(max_sequence_length=16, progress=False)
-    summary = run_batch(job, tmp_path / "out", pipe=pipe, embedder=RemoteEmbedder(dead, "tiny-flux1", 16),
+    options = BatchOptions(max_sequence_length=16, progress=False, prefetch=0)
+    calls = []
+
+    class Counting(RemoteEmbedder):
+        def encode(self, texts):
+            calls.append(texts)
+            return super().encode(texts)
+
+    summary = run_batch(job, tmp_path / "out", pipe=pipe, embedder=Counting(dead, "tiny-flux1", 16),
                         defaults=JobDefaults(**DEFAULTS), options=options)
     dead.close()
-    assert summary.done == 0 and len(summary.failed) == 3
-    assert all("no encoder server answered" in reason and "rerun" in reason for _, reason in summary.failed)
+    assert summary.done == 0 and summary.failed == [] and summary.stopped and not summary.ok
+    assert len(calls) == 1  # the client's retries are spent once, not once per remaining item
+    report = "\n".join(summary.lines())
+    assert "no encoder server answered" in report and "3 image(s) not made: rerun the same command to resume" in report
     assert results(tmp_path / "out") == []
     summary = run_batch(job, tmp_path / "out", pipe=pipe, embedder=RemoteEmbedder(client, "tiny-flux1", 16),
                         defaults=JobDefaults(**DEFAULTS), options=options)

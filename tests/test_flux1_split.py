@@ -58,7 +58,7 @@ def test_split_image_with_negative_prompt_and_true_cfg(client, reference, tiny_f
     embeds = remote_embeddings(client, "tiny-flux1", "a fox", negative_prompt="blurry", max_sequence_length=32)
     assert set(embeds) == {"prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
                            "negative_pooled_prompt_embeds"}
-    assert (run_pipeline(pipe, embeds, generator=torch.Generator().manual_seed(3), **call) == expected[0]).all()
+    assert (run_pipeline(pipe, embeds, generator=torch.Generator().manual_seed(3), **call)[0] == expected[0]).all()
 
 
 def test_server_never_reads_transformer_or_vae(tiny_flux1, tmp_path):

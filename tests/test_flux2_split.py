@@ -8,7 +8,8 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from PIL import Image
 
 from denoiser_client import RemoteTextEncoder, errors
-from denoiser_client.generate import GenerateOptions, generate
+from denoiser_client.generate import generate
+from denoiser_client.options import GenerateOptions
 from denoiser_client.pipeline import handshake, load_denoiser, negative_prompt_for, remote_embeddings
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 from shared.prompts import prompt_text
@@ -99,7 +100,7 @@ def test_generate_with_reference_images_and_structured_prompt(enc, models, tmp_p
         refs.append(tmp_path / f"ref{i}.png")
         Image.new("RGB", (64, 64), colour).save(refs[-1])
     options = GenerateOptions(seed=1, steps=2, width=32, height=32, max_sequence_length=64,
-                              images=tuple(map(str, refs)))
+                              reference_images=tuple(map(str, refs)))
     path, timings = generate(enc, str(models["flux2"]), json.dumps(STRUCTURED, indent=2), tmp_path / "out.png",
                              encoder_model="tiny-flux2", options=options, progress=False)
     assert Image.open(path).size == (32, 32)

@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from denoiser_client.batch import BatchOptions, RemoteEmbedder, run_batch
+from denoiser_client.batch import BatchOptions, run_batch
+from denoiser_client.embeddings import RemoteEmbedder
 from denoiser_client.jobs import JobDefaults
 from denoiser_client.lora import LoraRef
 from denoiser_client.lora import LoraAdapters, LoraError
@@ -187,8 +188,8 @@ def test_cli_refuses_a_missing_lora_before_denoising(flux1_server, tiny_flux1, t
     done = run_cli("batch", job, "--encoder", flux1_server.address, "--model", tiny_flux1, "--out-dir",
                    tmp_path / "out", "--steps", "1", "--width", "32", "--height", "32", "--device", "cpu",
                    "--lora", f"{tmp_path / 'missing.safetensors'}:0.8")
-    assert done.returncode == 1 and "missing.safetensors' does not exist" in done.stderr
-    assert not list((tmp_path / "out" / "images").iterdir())
+    assert done.returncode == 2 and "missing.safetensors' does not exist" in done.stderr  # 2: a bad argument
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_loras_on_an_fp8_transformer_keep_their_values(tiny_flux1, node, loras, client):

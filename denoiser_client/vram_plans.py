@@ -1,0 +1,119 @@
+"""`--vram auto`: the fastest memory plan that fits the card, from plans measured on a GPU.
+
+How the table was measured: `bench/consumer_cards.py` builds each model's transformer and VAE at their real shapes
+with random weights in GPU memory, loads them under every plan of `vram.PLANS`, and makes one image at 1024x1024 with
+the embeddings already on the device. For each plan it records the bytes the weights hold once loaded
+(`torch.cuda.memory_allocated`, per transformer parameter), the peak the caching allocator reserved during the image
+(`torch.cuda.max_memory_reserved`) above those weights, and the seconds per denoising step. Peaks are what the
+allocator reserves, not what tensors hold, because a per-process cap (and a card) limits the former.
+`python bench/consumer_cards.py --write-table` regenerates `MEASURED` below from its results.
+
+A plan's predicted peak for another model of the family, another size or another batch scales the two parts:
+weights by the transformer's parameter count, the rest by pixels times images per call. `pick_plan` takes the
+fastest plan whose prediction fits the budget with a margin; when a call still runs out of memory, the node steps
+down to the next plan (`next_plan`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from denoiser_client.vram import PLANS, VramOptions
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+MARGIN = 0.06  # of the budget, kept free for the allocator's rounding, cuBLAS workspaces and the CUDA context
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    weight_bytes_per_param: float  # resident once loaded (transformer + VAE), per transformer parameter
+    extra_bytes: float  # peak reserved above the weights for one 1024x1024 image
+    seconds_per_step: float  # at 1024x1024 on the measuring GPU; only the order between plans matters
+
+
+# BEGIN MEASURED (written by bench/consumer_cards.py --write-table)
+MEASURED: dict[str, dict] = {
+    # First figures: an H100 80GB at FLUX.1-dev shape (bench/results/denoiser_node.json) and the issue's H200 runs.
+    "flux1": {"params": 11.9e9, "gpu": "NVIDIA H100 80GB HBM3", "plans": {
+        "full": PlanCost(2.01, 2.7 * GIB, 0.27),
+        "full+tiling": PlanCost(2.01, 0.9 * GIB, 0.28),
+        "fp8": PlanCost(1.01, 2.7 * GIB, 0.28),
+        "fp8+tiling": PlanCost(1.01, 0.9 * GIB, 0.29),
+        "nf4+tiling": PlanCost(0.58, 1.6 * GIB, 0.45),
+        "fp8+group-offload": PlanCost(0.05, 2.0 * GIB, 0.56),
+        "sequential-offload": PlanCost(0.02, 1.0 * GIB, 6.0),
+    }},
+}
+# END MEASURED
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    name: str
+    options: VramOptions
+    predicted_bytes: float | None  # None: no measurement for this family
+    budget_bytes: float | None
+
+    def describe(self) -> str:
+        if self.predicted_bytes is None or self.budget_bytes is None:
+            return f"memory plan {self.name}"
+        return (f"memory plan {self.name} (predicted peak {self.predicted_bytes / GIB:.1f} GiB of "
+                f"{self.budget_bytes / GIB:.1f} GiB)")
+
+
+def costs_for(family: str) -> tuple[dict[str, PlanCost], float, bool]:
+    """(plan costs, the measured model's parameter count, whether they were measured for this family). A family
+    without measurements borrows FLUX.1's, which then only orders the plans."""
+    entry = MEASURED.get(family)
+    if entry is None:
+        return MEASURED["flux1"]["plans"], MEASURED["flux1"]["params"], False
+    return entry["plans"], entry["params"], True
+
+
+def predict(family: str, plan: str, params: float, pixels: float, images: int = 1) -> float | None:
+    costs, _, _ = costs_for(family)
+    cost = costs.get(plan)
+    if cost is None:
+        return None
+    return cost.weight_bytes_per_param * params + cost.extra_bytes * (pixels / 1024**2) * max(1, images)
+
+
+def ordered_plans(family: str, device: str) -> list[str]:
+    """Plan names usable on `device`, fastest first."""
+    costs, _, _ = costs_for(family)
+    names = sorted((n for n in PLANS if n in costs), key=lambda n: costs[n].seconds_per_step)
+    return [n for n in names if PLANS[n].usable(device)]
+
+
+def pick_plan(family: str, params: float, pixels: float, budget_bytes: float, device: str,
+              images: int = 1) -> PlanChoice:
+    """The fastest plan predicted to fit `budget_bytes`; the plan that needs least memory when none does."""
+    plans = ordered_plans(family, device)
+    limit = budget_bytes * (1 - MARGIN)
+    predicted = {name: predict(family, name, params, pixels, images) for name in plans}
+    for name in plans:
+        if predicted[name] <= limit:
+            return PlanChoice(name, PLANS[name], predicted[name], budget_bytes)
+    smallest = min(plans, key=lambda n: predicted[n])
+    logger.warning("no memory plan is predicted to fit %.1f GiB (the smallest, %s, needs %.1f GiB); trying it",
+                   budget_bytes / GIB, smallest, predicted[smallest] / GIB)
+    return PlanChoice(smallest, PLANS[smallest], predicted[smallest], budget_bytes)
+
+
+def next_plan(family: str, current: VramOptions, params: float, pixels: float, device: str,
+              images: int = 1) -> str | None:
+    """The fastest plan predicted to need less memory than `current`, or None when none does."""
+    now = predict(family, current.name, params, pixels, images)
+    if now is None:  # a hand-made combination: compare with its nearest named plan by what it quantizes
+        now = min((predict(family, n, params, pixels, images) for n, p in PLANS.items()
+                   if p.quantize == current.quantize and p.offload == current.offload), default=None)
+    for name in ordered_plans(family, device):
+        if PLANS[name] == current:
+            continue
+        cost = predict(family, name, params, pixels, images)
+        if now is None or cost < now:
+            return name
+    return None
