@@ -145,8 +145,11 @@ class BatchJob:
     def finish(self, item: JobItem, paths: list[str], builder) -> None:
         """Write the result line of every pending line that asked for `item`'s image."""
         for line in [i for i in self.pending if i.key == item.key and i.record not in self.results.done]:
-            self.results.append({**line.source, "images": paths, "key": line.key, "record": line.record,
-                                 "line": line.line, "params": {**line.params(), **builder.used(line)}})
+            record = {**line.source, "images": paths, "key": line.key, "record": line.record, "line": line.line,
+                      "params": {**line.params(), **builder.used(line)}}
+            if line.reference_images:  # absolute, so the result line can be run again from any folder
+                record["reference_images"] = list(line.reference_images)
+            self.results.append(record)
             self.summary.done += 1
 
     def run(self, node, embedder, options: BatchOptions) -> Summary:

@@ -66,6 +66,8 @@ def check_node_options(device: str, dtype: str, vram: str, vram_budget: float | 
         raise ValueError(f"--vram {vram!r} is not a memory plan: use auto or one of {', '.join(PLANS)}")
     if vram_budget is not None and not vram_budget > 0:
         raise ValueError(f"--vram-budget {vram_budget}: give the GiB the node may use, a number above 0")
+    if vram_budget is not None and not device.startswith("cuda"):
+        raise ValueError(f"--vram-budget plans GPU memory, but --device is {device!r}: drop it or use a CUDA device")
     explicit = None
     if quantize is not None or offload is not None or vae_tiling:
         explicit = VramOptions(quantize=quantize, offload=offload, vae_tiling=vae_tiling)

@@ -57,7 +57,7 @@ GENERATE_CASES = [
     (["--out", "{tmp}/file.png/x.png"], "is a file, not a folder"),
     (["--device", "cuda"], "--device cuda"), (["--device", "gpu"], "--device 'gpu' is not a device"),
     (["--dtype", "fp64"], "--dtype 'fp64'"), (["--vram", "huge"], "--vram 'huge' is not a memory plan"),
-    (["--vram-budget", "0"], "--vram-budget 0"), (["--quantize", "fp4"], "--quantize 'fp4'"),
+    (["--vram-budget", "0"], "--vram-budget 0"), (["--vram-budget", "8"], "--vram-budget plans GPU memory"), (["--quantize", "fp4"], "--quantize 'fp4'"),
     (["--offload", "disk"], "--offload 'disk'"), (["--quantize", "nf4"], "needs a CUDA device"),
     (["--offload", "group"], "--offload group moves weights"),
     (["--lora", "{tmp}/missing.safetensors"], "--lora"), (["--lora", "{tmp}/file.png:0.5"], ".safetensors"),
