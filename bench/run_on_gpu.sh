@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Run benchmarks on the GPU machine: `bash bench/run_on_gpu.sh NAME [NAME...]`.
+# Run the GPU suite and benchmarks on the GPU machine:
+#   bash bench/run_on_gpu.sh --tests [PYTEST ARGS...]   the GPU suite (tests/gpu + the README's example on CUDA),
+#                                                      log in bench/results/gpu_suite.log
+#   bash bench/run_on_gpu.sh NAME [NAME...]             bench/NAME.py each, writing bench/results/NAME.json
 # Installs the carried wheels (.whl/: diffusers, transformers, grpcio, protobuf... that the machine lacks or has
-# too old; build/quant_whl/: bitsandbytes and torchao for the --quantize measurements, where carried) into /tmp/site,
-# then runs each bench/NAME.py writing bench/results/NAME.json (and a copy under $OUT).
+# too old; build/quant_whl/: bitsandbytes and torchao, where carried) into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
@@ -19,6 +21,16 @@ python3 -c 'import torch, diffusers, transformers, grpc; print("torch", torch.__
   "transformers", transformers.__version__, "grpcio", grpc.__version__)'
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader || true
 mkdir -p bench/results
+if [ "${1:-}" = "--tests" ]; then
+  shift
+  log=bench/results/gpu_suite.log
+  { date -u; git log -1 --format='commit %H %s' 2>/dev/null || true; } > "$log"
+  python3 -m pytest -p no:cacheprovider -q -rA tests/gpu tests/test_node.py::test_the_readme_python_example_runs_as_written \
+    "$@" 2>&1 | tee -a "$log"
+  status=${PIPESTATUS[0]}
+  [ -n "${OUT:-}" ] && cp "$log" "$OUT/"
+  exit "$status"
+fi
 status=0
 for name in "$@"; do
   echo "=== $name"

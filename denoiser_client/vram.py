@@ -105,29 +105,41 @@ class VramOptions:
 
     def apply(self, pipe, device: str, dtype):
         """Cast, place and offload a freshly loaded pipeline; returns it."""
-        import torch
-
         if self.quantize == "fp8":
-            from diffusers.hooks import apply_layerwise_casting
-
-            # diffusers' own function behind `enable_layerwise_casting`, which would add the model's "norm" pattern.
-            apply_layerwise_casting(pipe.transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
-                                    skip_modules_pattern=FP8_KEEP)
+            cast_fp8(pipe.transformer, dtype)
         if self.vae_tiling:
             enable_vae_tiling(pipe.vae)
-        if self.offload == "model":
-            pipe.enable_model_cpu_offload(device=device)
-        elif self.offload == "sequential":
-            pipe.enable_sequential_cpu_offload(device=device)
-        elif self.offload == "group":
-            pipe.vae.to(device)
-            pipe.transformer.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                                                  offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        if self.offload is not None:
+            offload(pipe, self.offload, device)
         elif self.quantize not in ("nf4", "int8"):  # bitsandbytes already placed its weights on the GPU
             pipe.to(device)
         else:
             pipe.vae.to(device)
         return pipe
+
+
+def cast_fp8(transformer, dtype) -> None:
+    """Store the transformer's weights in float8_e4m3fn, each layer upcast to `dtype` as it runs."""
+    import torch
+    from diffusers.hooks import apply_layerwise_casting
+
+    # diffusers' own function behind `enable_layerwise_casting`, which would add the model's "norm" pattern.
+    apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
+                            skip_modules_pattern=FP8_KEEP)
+
+
+def offload(pipe, mode: str, device: str) -> None:
+    """Keep weights in CPU memory and move them to `device` when used: `model`, `sequential` or `group`."""
+    import torch
+
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.vae.to(device)
+        pipe.transformer.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                              offload_type="block_level", num_blocks_per_group=1, use_stream=True)
 
 
 # The plans `--vram auto` chooses from and `--vram NAME` names, fastest first on the GPUs measured (the order

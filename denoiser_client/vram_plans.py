@@ -4,7 +4,8 @@ How the table was measured: `bench/consumer_cards.py` builds each model's transf
 with random weights in GPU memory, loads them under every plan of `vram.PLANS`, and makes one image at 1024x1024 with
 the embeddings already on the device. For each plan it records the bytes the weights hold once loaded
 (`torch.cuda.memory_allocated`, per transformer parameter), the peak the caching allocator reserved during the image
-(`torch.cuda.max_memory_reserved`) above those weights, and the seconds per denoising step. Peaks are what the
+(`torch.cuda.max_memory_reserved`) above those weights, and the seconds per image (denoising at the model's usual
+step count, and the decode). Peaks are what the
 allocator reserves, not what tensors hold, because a per-process cap (and a card) limits the former.
 `python bench/consumer_cards.py --write-table` regenerates `MEASURED` below from its results.
 
@@ -17,6 +18,7 @@ down to the next plan (`next_plan`).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from denoiser_client.vram import PLANS, VramOptions
@@ -31,21 +33,22 @@ MARGIN = 0.06  # of the budget, kept free for the allocator's rounding, cuBLAS w
 class PlanCost:
     weight_bytes_per_param: float  # resident once loaded (transformer + VAE), per transformer parameter
     extra_bytes: float  # peak reserved above the weights for one 1024x1024 image
-    seconds_per_step: float  # at 1024x1024 on the measuring GPU; only the order between plans matters
+    seconds_per_image: float  # 1024x1024 at the model's usual steps on the measuring GPU; only the order matters
 
 
+# family -> measured models of it, each {"model", "params", "gpu", "plans": {plan name: PlanCost}}.
 # BEGIN MEASURED (written by bench/consumer_cards.py --write-table)
-MEASURED: dict[str, dict] = {
+MEASURED: dict[str, list[dict]] = {
     # First figures: an H100 80GB at FLUX.1-dev shape (bench/results/denoiser_node.json) and the issue's H200 runs.
-    "flux1": {"params": 11.9e9, "gpu": "NVIDIA H100 80GB HBM3", "plans": {
-        "full": PlanCost(2.01, 2.7 * GIB, 0.27),
-        "full+tiling": PlanCost(2.01, 0.9 * GIB, 0.28),
-        "fp8": PlanCost(1.01, 2.7 * GIB, 0.28),
-        "fp8+tiling": PlanCost(1.01, 0.9 * GIB, 0.29),
-        "nf4+tiling": PlanCost(0.58, 1.6 * GIB, 0.45),
-        "fp8+group-offload": PlanCost(0.05, 2.0 * GIB, 0.56),
-        "sequential-offload": PlanCost(0.02, 1.0 * GIB, 6.0),
-    }},
+    "flux1": [{"model": "flux1-dev", "params": 11.9e9, "gpu": "NVIDIA H100 80GB HBM3", "plans": {
+        "full": PlanCost(2.01, 2.7 * GIB, 8.4),
+        "full+tiling": PlanCost(2.01, 0.9 * GIB, 8.9),
+        "fp8": PlanCost(1.01, 2.7 * GIB, 8.6),
+        "fp8+tiling": PlanCost(1.01, 0.9 * GIB, 9.1),
+        "nf4+tiling": PlanCost(0.58, 1.6 * GIB, 13.5),
+        "fp8+group-offload": PlanCost(0.05, 2.0 * GIB, 16.5),
+        "sequential-offload": PlanCost(0.02, 1.0 * GIB, 170.0),
+    }}],
 }
 # END MEASURED
 
@@ -64,34 +67,35 @@ class PlanChoice:
                 f"{self.budget_bytes / GIB:.1f} GiB)")
 
 
-def costs_for(family: str) -> tuple[dict[str, PlanCost], float, bool]:
-    """(plan costs, the measured model's parameter count, whether they were measured for this family). A family
-    without measurements borrows FLUX.1's, which then only orders the plans."""
-    entry = MEASURED.get(family)
-    if entry is None:
-        return MEASURED["flux1"]["plans"], MEASURED["flux1"]["params"], False
-    return entry["plans"], entry["params"], True
+def costs_for(family: str, params: float) -> tuple[dict[str, PlanCost], bool]:
+    """(plan costs of the measured model of `family` nearest in size to `params`, whether `family` was measured).
+    A family without measurements borrows FLUX.1's, which then mostly orders the plans."""
+    entries = MEASURED.get(family)
+    if not entries:
+        return MEASURED["flux1"][0]["plans"], False
+    nearest = min(entries, key=lambda e: abs(math.log(e["params"] / max(params, 1.0))))
+    return nearest["plans"], True
 
 
 def predict(family: str, plan: str, params: float, pixels: float, images: int = 1) -> float | None:
-    costs, _, _ = costs_for(family)
+    costs, _ = costs_for(family, params)
     cost = costs.get(plan)
     if cost is None:
         return None
     return cost.weight_bytes_per_param * params + cost.extra_bytes * (pixels / 1024**2) * max(1, images)
 
 
-def ordered_plans(family: str, device: str) -> list[str]:
-    """Plan names usable on `device`, fastest first."""
-    costs, _, _ = costs_for(family)
-    names = sorted((n for n in PLANS if n in costs), key=lambda n: costs[n].seconds_per_step)
+def ordered_plans(family: str, device: str, params: float = 12e9) -> list[str]:
+    """Plan names usable on `device`, fastest first (as measured for the nearest model of `family`)."""
+    costs, _ = costs_for(family, params)
+    names = sorted((n for n in PLANS if n in costs), key=lambda n: costs[n].seconds_per_image)
     return [n for n in names if PLANS[n].usable(device)]
 
 
 def pick_plan(family: str, params: float, pixels: float, budget_bytes: float, device: str,
               images: int = 1) -> PlanChoice:
     """The fastest plan predicted to fit `budget_bytes`; the plan that needs least memory when none does."""
-    plans = ordered_plans(family, device)
+    plans = ordered_plans(family, device, params)
     limit = budget_bytes * (1 - MARGIN)
     predicted = {name: predict(family, name, params, pixels, images) for name in plans}
     for name in plans:
@@ -110,7 +114,7 @@ def next_plan(family: str, current: VramOptions, params: float, pixels: float, d
     if now is None:  # a hand-made combination: compare with its nearest named plan by what it quantizes
         now = min((predict(family, n, params, pixels, images) for n, p in PLANS.items()
                    if p.quantize == current.quantize and p.offload == current.offload), default=None)
-    for name in ordered_plans(family, device):
+    for name in ordered_plans(family, device, params):
         if PLANS[name] == current:
             continue
         cost = predict(family, name, params, pixels, images)

@@ -172,3 +172,13 @@ def batcher_stats(background, model: str = "tiny-flux1"):
 
 def cache_tier(background, name: str):
     return next(t for t in background.server.service.cache.tiers if t.name == name)
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/gpu is the GPU suite: real commands on CUDA (`bench/run_on_gpu.sh --tests`); skipped without CUDA."""
+    skip = pytest.mark.skip(reason="needs a CUDA device (the GPU suite runs on the GPU machine)")
+    for item in items:
+        if "/tests/gpu/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(skip)

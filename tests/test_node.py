@@ -78,7 +78,7 @@ def _client(server):
 def test_auto_picks_the_fastest_plan_predicted_to_fit(budget_gib):
     params, pixels = 11.9e9, 1024 * 1024
     choice = pick_plan("flux1", params, pixels, budget_gib * GIB, "cuda")
-    plans = ordered_plans("flux1", "cuda")
+    plans = ordered_plans("flux1", "cuda", params)
     limit = budget_gib * GIB * (1 - MARGIN)
     fitting = [p for p in plans if predict("flux1", p, params, pixels) <= limit]
     if fitting:
