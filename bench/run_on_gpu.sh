@@ -25,16 +25,16 @@ if [ "${1:-}" = "--tests" ]; then
   shift
   log=bench/results/gpu_suite.log
   { date -u; git log -1 --format='commit %H %s' 2>/dev/null || true; } > "$log"
+  [ -n "${OUT:-}" ] && cp "$log" "$OUT/gpu_suite.log"  # the log comes back even if the run is cut short
   python3 -m pytest -p no:cacheprovider -q -rA tests/gpu tests/test_node.py::test_the_readme_python_example_runs_as_written \
-    "$@" 2>&1 | tee -a "$log"
-  status=${PIPESTATUS[0]}
-  [ -n "${OUT:-}" ] && cp "$log" "$OUT/"
-  exit "$status"
+    "$@" 2>&1 | tee -a "$log" ${OUT:+"$OUT/gpu_suite.log"}
+  exit "${PIPESTATUS[0]}"
 fi
 status=0
 for name in "$@"; do
   echo "=== $name"
-  python3 "bench/$name.py" --out "bench/results/$name.json" ${BENCH_ARGS:-} 2>&1 | tee "${OUT:-/tmp}/$name.log" || status=1
-  [ -n "${OUT:-}" ] && cp "bench/results/$name.json" "$OUT/" 2>/dev/null
+  # Results are written under $OUT as they are made, so a run cut short still returns what it measured.
+  python3 "bench/$name.py" --out "${OUT:-bench/results}/$name.json" ${BENCH_ARGS:-} 2>&1 | tee "${OUT:-/tmp}/$name.log" \
+    || status=1
 done
 exit $status
