@@ -293,8 +293,8 @@ def plan_costs(results: dict, params: int) -> dict:
     from denoiser_client.vram_plans import PlanCost
 
     return {name: PlanCost(round(r["resident_gib"] * GIB / params, 4),
-                           round((r["peak_reserved_gib"] - r["resident_gib"]) * GIB, -6), r["s_per_image"])
-            for name, r in results.items() if "error" not in r and r.get("peak_reserved_gib") is not None}
+                           round((r["peak_allocated_gib"] - r["resident_gib"]) * GIB, -6), r["s_per_image"])
+            for name, r in results.items() if "error" not in r and r.get("peak_allocated_gib") is not None}
 
 
 def run_model(name: str, args, device) -> dict:
