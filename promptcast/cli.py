@@ -63,7 +63,7 @@ def _check_family(family: str) -> None:
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("PROMPTCAST_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "uvicorn.error"):  # uvicorn: "Started server process" and the like
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -80,15 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         code = app(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except click.exceptions.ClickException as e:  # a usage error: unknown option, a value of the wrong type
+    # typer raises its own (vendored) click's exceptions: usage errors are `typer.TyperException`s.
+    except (click.exceptions.ClickException, typer.TyperException) as e:  # unknown option, a bad value
         command = e.ctx.command_path if getattr(e, "ctx", None) else "promptcast"
         typer.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except (click.exceptions.Exit, typer.Exit) as e:
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - nothing reaches a person as a traceback
         if not _expected(e):
