@@ -290,6 +290,34 @@ def test_full_queue_answers_429_and_accepted_requests_finish(loaded_flux1, tmp_p
         background.stop()
 
 
+def test_a_client_that_hangs_up_leaves_the_queue_before_gpu_work(loaded_flux1, tmp_path):
+    gate = threading.Event()
+    gate.set()
+    background, warm = _gated_server(loaded_flux1, tmp_path, gate)
+    try:
+        warm.result(30)
+        service = background.server.service
+        batcher = service.batchers["tiny-flux1"]
+        gate.clear()
+        running = _in_thread(lambda: requests.post(background.http_url + "/predict", json={"prompt": "stays"},
+                                                   timeout=60))
+        assert wait_for(lambda: len(service._in_flight) == 1 and batcher.queued == 0)
+        body = json.dumps({"prompt": "leaves"}).encode()
+        with socket.create_connection(("127.0.0.1", background.server.http_port), timeout=10) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert wait_for(lambda: batcher.queued == 1)
+        assert wait_for(lambda: batcher.queued == 0)  # hung up: no longer waiting
+        dropped = batcher.stats.dropped
+        gate.set()
+        running[0].join(30)
+        assert running[1]["value"].status_code == 200
+        assert wait_for(lambda: batcher.stats.dropped == dropped + 1)  # never encoded
+        assert wait_for(lambda: background.server.gateway.active == 0)
+    finally:
+        gate.set()
+        background.stop()
+
+
 def test_drain_refuses_new_requests_with_503_and_lets_in_flight_ones_finish(loaded_flux1, tmp_path):
     gate = threading.Event()
     gate.set()
