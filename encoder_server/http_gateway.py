@@ -299,9 +299,15 @@ def _accepts(header: str, media_type: str) -> bool:
 
 
 def _stacked(embeddings, names) -> dict[str, torch.Tensor]:
-    # A fresh (B, ...) tensor per output: a cached row may be a view of a whole batch, and torch.save would write
-    # the batch's entire storage.
-    return {name: torch.stack([e.tensors[name] for e in embeddings]) for name in names}
+    """(B, ...) tensors that own exactly their bytes: torch.save writes a tensor's whole storage, and a miss's row is
+    a view of its whole batch. One prompt whose row already owns its storage (a memory hit) is not copied."""
+    out = {}
+    for name in names:
+        rows = [e.tensors[name] for e in embeddings]
+        row = rows[0]
+        owns = row.is_contiguous() and row.storage_offset() == 0 and row.untyped_storage().nbytes() == row.nbytes
+        out[name] = row.unsqueeze(0) if len(rows) == 1 and owns else torch.stack(rows)
+    return out
 
 
 def _torch_save(tensor: torch.Tensor) -> bytes:
