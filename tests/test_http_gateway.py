@@ -60,7 +60,8 @@ def grpc_encode(server, prompts, **kwargs):
 
 def compute_remote_text_embeddings(url, prompts, hf_token="hf_anything"):
     """diffusers' examples/dreambooth/train_dreambooth_lora_flux2.py, `compute_remote_text_embeddings`, with its URL
-    line changed (and `text_ids`, which needs no server, left out)."""
+    line changed, `text_ids` (no server involved) left out, and `weights_only=True` written out: the script relies on
+    torch's default, which is that since torch 2.6."""
     def _encode_single(prompt: str):
         response = requests.post(
             url,
