@@ -29,17 +29,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from denoiser_client import errors
 from denoiser_client.cli import EncoderOpt, TimeoutOpt, TlsCaOpt, TlsCertOpt, TlsKeyOpt, TokenOpt, _client
 
 logger = logging.getLogger(__name__)
 
 # A dataset's `metadata.jsonl` (Hugging Face imagefolder) names its caption `text` or `caption`, beside `file_name`.
 CAPTION_FIELDS = ("text", "caption")
-# Errors one prompt can cause (too long, NaN/Inf in its embedding): its call is retried prompt by prompt.
-PER_PROMPT_ERRORS = (errors.InvalidArgument, errors.EncodeError)
-# Errors every later call would get too: the run stops.
-STOPPING_ERRORS = (errors.ServerUnavailable, errors.Unauthenticated)
 
 
 @dataclass
@@ -107,6 +102,12 @@ def encode_texts(client, info, texts: list[tuple[str, str | None]], length: int,
                  ) -> tuple[dict, dict[tuple, str], str | None]:
     """Encode `(prompt, prompt_2)` pairs in calls of `batch_size`: (results by pair, failure reason by pair, why the
     run stopped or None)."""
+    from denoiser_client import errors  # grpc: not on `promptcast --help`'s path
+
+    # Errors one prompt can cause (too long, NaN/Inf in its embedding): its call is retried prompt by prompt. Errors
+    # every later call would get too stop the run.
+    per_prompt = (errors.InvalidArgument, errors.EncodeError)
+    stopping = (errors.ServerUnavailable, errors.Unauthenticated)
     done, failed = {}, {}
     for with_2 in (False, True):
         group = [t for t in texts if (t[1] is not None) == with_2]
@@ -115,16 +116,16 @@ def encode_texts(client, info, texts: list[tuple[str, str | None]], length: int,
             try:
                 try:
                     done.update(_encode(client, info, chunk, with_2, length))
-                except PER_PROMPT_ERRORS as e:  # one prompt may be the cause: the others must not fail with it
+                except per_prompt as e:  # one prompt may be the cause: the others must not fail with it
                     if len(chunk) == 1:
                         raise
                     logger.info("a call of %d prompts was refused (%s); retrying them one by one", len(chunk), e)
                     for text in chunk:
                         try:
                             done.update(_encode(client, info, [text], with_2, length))
-                        except PER_PROMPT_ERRORS as single:
+                        except per_prompt as single:
                             failed[text] = str(single)
-            except STOPPING_ERRORS as e:
+            except stopping as e:
                 return done, failed, str(e)
             except errors.PromptcastError as e:  # overloaded, deadline...: this call's prompts fail, the next may pass
                 failed.update({text: str(e) for text in chunk if text not in done})
@@ -145,10 +146,14 @@ def export(client, jobs: list[Job], out: Path, *, model: str | None = None, max_
     """Encode `jobs` on the server and write one file per job into `out`; returns (index rows, problems)."""
     from safetensors.torch import save
 
+    from denoiser_client import errors
     from shared.atomic_files import write_atomically
 
     info = client.model_info(model)
     length = max_sequence_length or info.default_max_sequence_length
+    if not 1 <= length <= info.max_max_sequence_length:  # refused for every prompt alike: say so once
+        raise errors.InvalidArgument(f"--max-sequence-length {length} is outside 1-{info.max_max_sequence_length}, "
+                                     f"the range of model {info.name!r}")
     out.mkdir(parents=True, exist_ok=True)
     batch_size = max(1, min(batch_size, info.max_prompts_per_call or batch_size))
 

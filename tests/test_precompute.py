@@ -103,3 +103,10 @@ def test_encode_against_no_server_is_one_error_line(tmp_path):
                      "--timeout", "2")
     assert result.returncode == 1 and result.stderr.startswith("error: no encoder server answered")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_max_sequence_length_no_prompt_can_have_is_one_error_before_any_encode(flux2_server, tmp_path):
+    result = run_cli("encode", "--prompt", "x", "--prompt", "y", "--encoder", flux2_server.address, "--out", tmp_path,
+                     "--max-sequence-length", "4096")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "--max-sequence-length 4096 is outside 1-512, the range of model 'tiny-flux2'" in result.stderr
