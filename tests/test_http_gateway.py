@@ -1,7 +1,8 @@
 """The HTTP gateway (`serve --http-port`) against real servers on free loopback ports: Hugging Face's hosted FLUX.2
 text encoder's own clients (the LoRA training script's request code, diffusers' `Flux2RemoteTextEncoderStep`) get
-what `RemoteTextEncoder.encode` gets, for every family; every error has its JSON body and status; tokens, HTTPS,
-limits, drain, metrics and the request log are the gRPC door's."""
+what `RemoteTextEncoder.encode` gets, for every family; every error has its JSON body and status; limits, the queue
+bound, health, drain, metrics and the request log are the gRPC door's. (HTTPS, tokens and `promptcast serve` itself:
+test_http_gateway_operation.py.)"""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import asyncio
 import io
 import json
 import logging
-import signal
 import socket
-import sys
 import threading
 import uuid
 
@@ -20,13 +19,12 @@ import requests
 import torch
 from safetensors.torch import load as load_safetensors
 
-from conftest import assert_same, free_port, wait_for
+from conftest import assert_same, wait_for
 from denoiser_client import RemoteTextEncoder, errors
 from encoder_server.families import get_encoder
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 from encoder_server.service import Limits
 from test_operations import GatedEncoder, sample, scrape
-from test_security import TOKEN, pki  # noqa: F401 - the test PKI fixture, shared
 
 SAFETENSORS = {"Accept": "application/vnd.safetensors"}
 NAMES = {"flux1": "tiny-flux1", "flux2": "tiny-flux2", "flux2-klein": "tiny-klein"}
@@ -342,95 +340,3 @@ def test_drain_refuses_new_requests_with_503_and_lets_in_flight_ones_finish(load
     finally:
         gate.set()
         background.stop()
-
-
-@pytest.fixture(scope="module")
-def https_server(tiny_models, pki, tmp_path_factory):  # noqa: F811 - pki is the imported fixture
-    config = ServerConfig([ModelSpec(str(tiny_models["flux1"]), name="tiny-flux1")], port=0, http_port=0,
-                          cache_dir=str(tmp_path_factory.mktemp("cache-https")), token_file=str(pki / "tokens"),
-                          tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
-    with BackgroundServer(config) as server:
-        yield server
-
-
-def test_https_and_tokens(https_server, pki):  # noqa: F811
-    url, ca = https_server.http_url, str(pki / "ca.pem")
-    assert url.startswith("https://")
-    for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401), ({"Authorization": "Basic x"}, 401),
-                            ({"Authorization": f"Bearer {TOKEN}"}, 200), ({"Authorization": "Bearer another-token"}, 200)):
-        response = requests.post(url + "/predict", json={"prompt": "a token fox"}, headers=headers, verify=ca,
-                                 timeout=30)
-        assert response.status_code == status, (headers, response.text)
-        if status == 401:
-            assert response.json()["code"] == "UNAUTHENTICATED" and response.headers["www-authenticate"] == "Bearer"
-    assert requests.get(url + "/healthz", verify=ca, timeout=10).status_code == 200  # probes need no token
-    with pytest.raises(requests.exceptions.SSLError):
-        requests.get(url + "/healthz", timeout=10)  # a client that does not trust the CA
-    with pytest.raises(requests.ConnectionError):
-        requests.get(url.replace("https://", "http://") + "/healthz", timeout=10)  # plaintext to the TLS port
-
-
-def test_mtls_requires_a_client_certificate(tiny_models, pki, tmp_path):  # noqa: F811
-    config = ServerConfig([ModelSpec(str(tiny_models["flux1"]), name="tiny-flux1")], port=0, http_port=0,
-                          cache_dir=str(tmp_path), tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
-                          tls_client_ca=str(pki / "ca.pem"))
-    with BackgroundServer(config) as server:
-        url, ca = server.http_url + "/predict", str(pki / "ca.pem")
-        with pytest.raises(requests.ConnectionError):
-            requests.post(url, json={"prompt": "x"}, verify=ca, timeout=10)
-        with pytest.raises(requests.ConnectionError):
-            requests.post(url, json={"prompt": "x"}, verify=ca, timeout=10,
-                          cert=(str(pki / "stranger.pem"), str(pki / "stranger.key")))
-        ok = requests.post(url, json={"prompt": "x"}, verify=ca, timeout=30,
-                           cert=(str(pki / "client.pem"), str(pki / "client.key")))
-        assert ok.status_code == 200
-
-
-def test_modular_step_sends_hf_token_as_the_bearer(https_server, pki, monkeypatch):  # noqa: F811
-    from diffusers.modular_pipelines.flux2 import Flux2RemoteTextEncoderStep
-
-    monkeypatch.setattr(Flux2RemoteTextEncoderStep, "REMOTE_URL", https_server.http_url + "/predict")
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki / "ca.pem"))
-    monkeypatch.setenv("HF_TOKEN", "wrong")
-    with pytest.raises(requests.HTTPError, match="401"):
-        Flux2RemoteTextEncoderStep().init_pipeline()(prompt="a fox", output="prompt_embeds")
-    monkeypatch.setenv("HF_TOKEN", TOKEN)  # huggingface_hub's get_token() reads it
-    got = Flux2RemoteTextEncoderStep().init_pipeline()(prompt="a fox", output="prompt_embeds")
-    assert got.shape == (1, 512, 48)  # this server hosts FLUX.1: the step takes its prompt_embeds as they come
-
-
-def test_serve_subprocess_serves_http_and_drains_on_sigterm(server_process, tiny_models, tmp_path):
-    http_port = free_port()
-    server = server_process("--model", f"tiny-flux2={tiny_models['flux2']}", "--http-port", str(http_port),
-                            "--cache-dir", str(tmp_path)).wait_serving()
-    url = f"http://127.0.0.1:{http_port}"
-    assert requests.get(url + "/healthz", timeout=10).status_code == 200
-    embeds = compute_remote_text_embeddings(url + "/predict", "a subprocess fox")
-    with RemoteTextEncoder(server.address, timeout=60) as enc:
-        assert_same({"prompt_embeds": embeds}, {"prompt_embeds": enc.encode("a subprocess fox")["prompt_embeds"]})
-    assert server.stop(signal.SIGTERM) == 0
-    log = server.output()
-    assert f"HTTP gateway on http://127.0.0.1:{http_port}" in log and "method=HTTP/predict" in log
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--http-port", "70000"], "70000 is not a port"),
-    (["--http-port", "50123", "--port", "50123"], "50123 is --port too"),
-])
-def test_serve_refuses_a_bad_http_port_in_one_line(args, words, capsys):
-    from promptcast.cli import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(["serve", "--model", "never-loaded", *args])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and words in err and err.count("\n") == 1 and err.startswith("error:"), err
-
-
-def test_serve_http_port_without_the_http_extra_says_how_to_install(monkeypatch, capsys):
-    from promptcast.cli import main
-
-    monkeypatch.setitem(sys.modules, "starlette", None)  # as if it were not installed
-    with pytest.raises(SystemExit) as exit_:
-        main(["serve", "--model", "never-loaded", "--http-port", "0"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "pip install 'promptcast[http]'" in err and err.count("\n") == 1, err

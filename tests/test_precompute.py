@@ -56,7 +56,7 @@ def test_dataset_captions_export_for_a_training_loop_and_a_second_run_hits_the_c
     assert "line 4: not exported:" in first.stderr and "160 characters, over 100" in first.stderr
     rows = [json.loads(line) for line in (tmp_path / "embeds" / "index.jsonl").read_text().splitlines()]
     assert [(r["line"], r["file_name"], r["cache_status"]) for r in rows] == [
-        (1, "0001.png", "miss"), (2, "0002.png", "miss"), (5, "0005.png", "miss")]  # refused with line 4, then one by one
+        (1, "0001.png", "miss"), (2, "0002.png", "miss"), (5, "0005.png", "miss")]  # refused with line 4, then alone
 
     loader = torch.utils.data.DataLoader(CaptionEmbeddings(tmp_path / "embeds"), batch_size=2)
     batches = list(loader)
