@@ -10,7 +10,7 @@ import sys
 import pytest
 import requests
 
-from conftest import assert_same, free_port
+from conftest import assert_same, free_port, run_cli
 from denoiser_client import RemoteTextEncoder
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 from test_http_gateway import compute_remote_text_embeddings
@@ -108,3 +108,17 @@ def test_serve_http_port_without_the_http_extra_says_how_to_install(monkeypatch,
         main(["serve", "--model", "never-loaded", "--http-port", "0"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "pip install 'promptcast[http]'" in err and err.count("\n") == 1, err
+
+
+def test_serve_with_an_http_port_in_use_fails_in_one_line_before_loading(tiny_models):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--model", tiny_models["flux1"], "--host", "127.0.0.1", "--port", "0",
+                         "--http-port", port, "--cache-dir", "none")
+    assert result.returncode == 1 and "loading the text encoders" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --http-port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"]
