@@ -46,6 +46,10 @@ def serve(
                                                         "(0 picks one).")] = None,
     health_port: Annotated[Optional[int], typer.Option(help="Also serve grpc.health.v1 in plaintext on this "
                                                        "port (kubelet gRPC probes cannot speak TLS).")] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="Also serve HTTP on this port: POST /predict (Hugging "
+                                                     "Face's hosted FLUX.2 text encoder API), POST /v1/encode, GET "
+                                                     "/healthz; HTTPS with --tls-cert. Needs promptcast[http].")
+                         ] = None,
     gpu_timeout: Annotated[float, typer.Option(help="Health turns NOT_SERVING while one batch runs longer "
                                                "than this many seconds (a stuck GPU); 0 disables.")] = 300.0,
     max_batch_tokens: Annotated[int, typer.Option(help="Most padded tokens (prompts x max_sequence_length) in one "
@@ -106,6 +110,8 @@ def serve(
         cache_dir = None
 
     check_options(tls_cert, tls_key, tls_client_ca)
+    if http_port is not None:
+        _check_http(http_port, port, metrics_port, health_port)
 
     config = ServerConfig(
         models=names, host=host, port=port, device=device,
@@ -116,7 +122,7 @@ def serve(
     text = lambda path: None if path is None else str(path)  # noqa: E731
     config = replace(config, tls_cert=text(tls_cert), tls_key=text(tls_key), tls_client_ca=text(tls_client_ca),
                      token_file=text(token_file), metrics_port=metrics_port, health_port=health_port,
-                     gpu_timeout=gpu_timeout)
+                     gpu_timeout=gpu_timeout, http_port=http_port)
     config = replace(config, max_batch_tokens=max_batch_tokens, compile=compile, quantize=quantize,
                      cuda_graphs=cuda_graphs)
 
@@ -125,3 +131,20 @@ def serve(
 
     asyncio.run(run())
     logger.info("stopped")
+
+
+def _check_http(http_port: int, port: int, metrics_port: int | None, health_port: int | None) -> None:
+    """A valid, distinct port and the packages the gateway runs on, before anything loads."""
+    if not 0 <= http_port <= 65535:
+        raise typer.BadParameter(f"{http_port} is not a port: use 0-65535 (0 picks a free one)",
+                                 param_hint="--http-port")
+    for other, name in ((port, "--port"), (metrics_port, "--metrics-port"), (health_port, "--health-port")):
+        if http_port and other == http_port:
+            raise typer.BadParameter(f"{http_port} is {name} too: give HTTP a port of its own",
+                                     param_hint="--http-port")
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise typer.BadParameter(f"the HTTP gateway needs starlette and uvicorn, and {e.name} is not installed: "
+                                 "pip install 'promptcast[http]'", param_hint="--http-port") from None

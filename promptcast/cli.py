@@ -66,7 +66,7 @@ def _check_family(family: str) -> None:
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("PROMPTCAST_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "uvicorn.error"):  # uvicorn: "Started server process" and the like
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
