@@ -4,15 +4,14 @@ equal the plain pipeline's, negatives come from the server, the handshake and th
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
-import subprocess
-import sys
 
 import diffusers
 import pytest
 import torch
 
-from conftest import copy_model
+from conftest import copy_model, run_cli
 from denoiser_client import RemoteTextEncoder, errors
 from denoiser_client.pipeline import handshake, load_denoiser, negative_prompt_for
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
@@ -234,20 +233,24 @@ def test_server_never_reads_transformer_or_vae(models, tmp_path, family):
     assert encoder.family == family and encoder.pipe.transformer is None and encoder.pipe.vae is None
 
 
-def test_make_tiny_model_through_the_cli(models, tmp_path):
-    """`python -m promptcast make-tiny-model DIR --family NAME` for each family (run side by side), seed 0 as the
+def _digest(root: pathlib.Path) -> dict:
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("family", PIPELINES)
+def test_make_tiny_model_command(models, tmp_path, capsys, family):
+    """The `make-tiny-model` command (the CLI's own parsing and entry point, in this process), seed 0 as the
     session's: the same bytes."""
-    procs = {family: subprocess.Popen([sys.executable, "-m", "promptcast", "make-tiny-model", str(tmp_path / family),
-                                       "--family", family], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for family in PIPELINES}
-    for family, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-        assert out.strip() == str(tmp_path / family)
+    from promptcast.cli import main
 
-    def digest(root: pathlib.Path) -> dict:
-        return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
-                for f in sorted(root.rglob("*")) if f.is_file()}
+    with pytest.raises(SystemExit) as exit:
+        main(["make-tiny-model", str(tmp_path / family), "--family", family])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == str(tmp_path / family)
+    assert _digest(tmp_path / family) == _digest(models[family])
 
-    for family in PIPELINES:
-        assert digest(tmp_path / family) == digest(models[family]), family
+
+def test_make_tiny_model_through_the_cli(tmp_path):
+    result = run_cli("make-tiny-model", tmp_path / "q", "--family", "qwen-image")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "q" / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
