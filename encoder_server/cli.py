@@ -21,7 +21,7 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32.")] = "auto",
     family: Annotated[Optional[str], typer.Option(help="Override the family read from model_index.json: "
-                                                  "flux1, flux2, flux2-klein.")] = None,
+                                                  "flux1, flux2, flux2-klein, sd3, qwen-image, z-image, wan.")] = None,
     grace: Annotated[float, typer.Option(help="Seconds in-flight streams get to finish on SIGTERM.")] = 30.0,
     max_batch_size: Annotated[int, typer.Option(help="Most prompts merged into one forward pass.")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 2.0,

@@ -50,6 +50,7 @@ class EmbeddingService:
         self.draining = False
         self._in_flight: dict[str, tuple[asyncio.Future, EncodeJob]] = {}  # cache key -> (result, job)
         self._publishing: set[asyncio.Task] = set()
+        self._variable: dict[str, frozenset[str]] = {}
 
     def add(self, encoder: Encoder) -> None:
         if encoder.name in self.encoders:
@@ -81,6 +82,13 @@ class EmbeddingService:
         if name not in self.encoders:
             raise NotFound(f"model {name!r} is not hosted here; hosted: {', '.join(self.encoders)}")
         return self.encoders[name]
+
+    def variable_outputs(self, name: str | None) -> frozenset[str]:
+        """The names of a model's variable-length outputs (their wire specs say so)."""
+        encoder = self.model(name)
+        if encoder.name not in self._variable:
+            self._variable[encoder.name] = frozenset(o.name for o in encoder.outputs if o.variable_length)
+        return self._variable[encoder.name]
 
     def validate(self, encoder: Encoder, prompts: list[str], prompts_2: list[str] | None,
                  max_sequence_length: int) -> None:

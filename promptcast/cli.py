@@ -47,7 +47,8 @@ def demo(out: Annotated[Path, typer.Option(help="Where to save the image.")] = P
 
 @app.command("make-tiny-model")
 def make_tiny_model(path: Path,
-                    family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein...")] = "flux1",
+                    family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein, sd3, "
+                                                                 "qwen-image, z-image, wan.")] = "flux1",
                     seed: int = 0, overwrite: bool = False):
     """Write a complete small diffusers folder (real classes, random weights, local tokenizers)."""
     _check_family(family)
