@@ -182,6 +182,23 @@ class RemoteTextEncoder:
             raise errors.ModelNotFound(f"model {model!r} is not hosted by {self.target}; hosted: {sorted(models)}")
         return models[model]
 
+    def health(self, timeout: float = 2.0) -> dict[str, str]:
+        """Each target's health for the TextEncoder service, asked once with no retry: `SERVING`, `NOT_SERVING`
+        (loading, draining, or a stuck device) or `UNREACHABLE` (no answer within `timeout` seconds)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        states = {}
+        for target, channel in zip(self.targets, self._channels):
+            request = health_pb2.HealthCheckRequest(service="promptcast.v1.TextEncoder")
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout, metadata=self._metadata)
+                states[target] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            except grpc.RpcError as e:
+                # The channel's own health checking fails every call on a NOT_SERVING server as "unhealthy".
+                answered = e.code() == grpc.StatusCode.NOT_FOUND or "unhealthy" in (e.details() or "").lower()
+                states[target] = "NOT_SERVING" if answered else "UNREACHABLE"
+        return states
+
     @property
     def target(self) -> str:
         return ",".join(self.targets)
