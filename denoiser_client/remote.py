@@ -140,8 +140,10 @@ class RemoteTextEncoder:
             credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
         # Keepalive pings find a dead link in ~40s even mid-encode (no data flowing), so a call on a
         # vanished replica fails over instead of waiting for its whole deadline.
+        # Subchannels of its own (gRPC shares them process-wide by default): a new client for a server that was
+        # down dials it at once, instead of inheriting a shared connection's reconnect backoff (up to two minutes).
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-                   ("grpc.http2.max_pings_without_data", 0),
+                   ("grpc.http2.max_pings_without_data", 0), ("grpc.use_local_subchannel_pool", 1),
                    ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         self._channels = [grpc.secure_channel(t, credentials, options) if credentials
                           else grpc.insecure_channel(t, options) for t in self.targets]

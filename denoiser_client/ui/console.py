@@ -134,14 +134,15 @@ class Console:
         encoder ([`RemoteTextEncoder`]): the encoder server's client.
         styles (`list[Style]`): "base" first; `load_styles` loads their LoRAs.
         out_dir (`str` or `os.PathLike`): where each image is saved as PNG (the page shows these files).
-        connect (`callable`, *optional*): returns a new client for the same server. After the server was
-            unavailable the console dials again with a fresh one: gRPC would otherwise wait out its reconnect backoff
-            (growing to two minutes) before trying a server that is back.
+        connect (`callable`, *optional*): returns a new client for the same server. Once the server was found
+            unavailable, the next render and health probe dial with a fresh client: gRPC would otherwise wait out its
+            reconnect backoff (growing to two minutes) before trying a server that is back.
     """
 
     def __init__(self, node: DenoiserNode, encoder: RemoteTextEncoder, styles: list[Style], out_dir: str | Path, *,
                  connect: Callable[[], RemoteTextEncoder] | None = None):
         self.node, self.encoder, self._connect = node, encoder, connect
+        self._stale = False  # the server was unavailable: dial afresh next time
         self.styles = {style.name: style for style in styles}
         self.problems: list[str] = []
         self.out_dir = Path(out_dir)
@@ -225,11 +226,14 @@ class Console:
         else:
             prompt = style.prompt_for(request.prompt)
         with self._lock:
+            if self._stale and self._connect is not None:  # under the lock: no render is using the old client
+                old, self.encoder, self._stale = self.encoder, self._connect(), False
+                old.close()
             try:
                 image, timings, item = render_one(self.node, self.encoder, prompt, options, loras=style.loras,
                                                   progress=progress)
             except ServerUnavailable:
-                self._reconnect()
+                self._stale = True
                 raise
             path = save_atomically(image, self.out_dir / f"{next(self._numbers):05d}-seed{options.seed}.png")
             self.renders += 1
@@ -238,18 +242,23 @@ class Console:
                        guidance=used["guidance"] if self.facts.guidance is not None else None)
         return Rendered(path, done, style, timings, notes)
 
-    def _reconnect(self) -> None:
-        if self._connect is not None:
-            old, self.encoder = self.encoder, self._connect()
-            old.close()
-
     def encoder_line(self) -> str:
         """The encoder server's address, health and models, and the model this node renders with."""
-        encoder = self.encoder
+        fresh = self._stale and self._connect is not None
+        encoder = self._connect() if fresh else self.encoder  # a probe of its own: renders may use self.encoder
+        try:
+            return self._describe(encoder)
+        finally:
+            if fresh:
+                encoder.close()
+
+    def _describe(self, encoder: RemoteTextEncoder) -> str:
         try:
             states = encoder.health()
         except Exception as e:  # noqa: BLE001 - a client replaced under us, or closed: say so, never fail the page
             return f"Encoder server {encoder.target}: no answer ({e})"
+        if "UNREACHABLE" in states.values():
+            self._stale = True
         health = "; ".join(f"{target} {_HEALTH_WORDS.get(state, state)}" for target, state in states.items())
         models = ""
         if "SERVING" in states.values():
