@@ -122,6 +122,8 @@ def browser():
 def open_page(browser, url):
     page = browser.new_context(viewport={"width": 1200, "height": 1000}).new_page()
     page.set_default_timeout(TIMEOUT_MS)
+    page.requested = []  # every URL the page asked for: nothing may come from outside the node
+    page.on("request", lambda request: page.requested.append(request.url))
     page.goto(url)
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
     return page
@@ -210,6 +212,8 @@ def test_generate_switch_styles_back_to_base_and_history(browser, console, serve
     expect(page.get_by_label("Info")).to_have_value(re.compile(r"^seed 7\nstyle ink"))
     assert shown(page) == images["ink"]
     assert generate(page) == images["ink"]  # the form filled from history makes that image again
+    outside = [url for url in page.requested if not url.startswith((console[1], "data:", "blob:"))]
+    assert page.requested and outside == []
 
 
 def test_two_sessions_at_once_each_get_their_own_style(browser, console, expected):
@@ -267,3 +271,25 @@ def test_the_promptcast_ui_command_prints_its_url_and_serves_the_page(browser, s
     err = log.read_text()
     assert code == 0, err[-2000:]
     assert "warning: style 'broken' is off: LoRA file" in err and "Traceback" not in err
+
+
+def test_the_form_offers_what_the_model_takes(tiny_models, tmp_path):
+    from types import SimpleNamespace
+
+    from denoiser_client.pipeline import load_denoiser
+    from denoiser_client.ui.console import Console
+    from denoiser_client.ui.page import build_page
+    from denoiser_client.ui.styles import Style
+
+    labels = {}
+    for family in ("flux1", "flux2"):
+        pipe, _ = load_denoiser(str(tiny_models[family]))
+        encoder = RemoteTextEncoder(f"127.0.0.1:{free_port()}", timeout=1)  # asked only once a page opens
+        node = DenoiserNode(pipe, info=SimpleNamespace(name=f"tiny-{family}", family=family))
+        page = build_page(Console(node, encoder, [Style("base")], tmp_path))
+        labels[family] = {getattr(block, "label", None) for block in page.blocks.values()} - {None}
+        encoder.close()
+    common = {"Encoder server", "Prompt", "Style", "Seed", "Steps", "Width", "Height", "Guidance", "Result", "Info",
+              "History"}
+    assert labels["flux1"] == common | {"Negative", "True CFG scale"}
+    assert labels["flux2"] == common | {"Reference images"}  # guidance-distilled: no negative prompt
