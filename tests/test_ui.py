@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -293,3 +294,27 @@ def test_the_form_offers_what_the_model_takes(tiny_models, tmp_path):
               "History"}
     assert labels["flux1"] == common | {"Negative", "True CFG scale"}
     assert labels["flux2"] == common | {"Reference images"}  # guidance-distilled: no negative prompt
+
+
+def test_progress_while_denoising_and_a_bad_size_leave_the_page_working(browser, console, expected, monkeypatch):
+    page = open_page(browser, console[1])
+    transformer = console[0].node.pipe.transformer
+    forward = transformer.forward
+
+    def slow(*args, **kwargs):  # long enough a step for the page to show where it is
+        time.sleep(0.4)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "forward", slow)
+    fill(page, style="ink", seed=9, steps=4)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text(re.compile(r"denoising"))).to_be_visible()
+    expect(thumbnails(page)).to_have_count(1)
+    assert shown(page) == expected("ink", 9, steps=4)
+    monkeypatch.setattr(transformer, "forward", forward)
+
+    fill(page, style="base", seed=9, width=40)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_label("Info")).to_have_value("error: Width=40 must be a positive multiple of 16 (e.g. 32)")
+    fill(page, style="base", seed=9)
+    assert generate(page) == expected("base", 9)
