@@ -163,7 +163,7 @@ class Console:
                 del self.styles[style.name]
                 self.problems.append(f"style {style.name!r} is off: {e}")
                 logger.error("style %r is off: %s", style.name, e)
-        if self.facts.negative_prompt is False:
+        if not self.facts.negative_prompt:
             for style in [s for s in self.styles.values() if s.negative_prompt]:
                 self.styles[style.name] = replace(style, negative_prompt=None)
                 logger.warning("style %r: its negative prompt is not used, %s takes none", style.name,
@@ -189,9 +189,9 @@ class Console:
             raise InvalidArgument(f"Seed={seed} must be -1 (a random seed) or a whole number from 0 to {MAX_PAGE_SEED}")
         if seed == RANDOM_SEED:
             seed = random.randrange(2**32)
-        negative = style.negative_for(request.negative_prompt) if self.facts.negative_prompt else None
         if request.negative_prompt and not self.facts.negative_prompt:
             raise InvalidArgument(f"{self.facts.family} takes no negative prompt: clear the Negative box")
+        negative = style.negative_for(request.negative_prompt) if self.facts.negative_prompt else None
         refs = tuple(request.reference_images)
         if refs and len(refs) > self.facts.max_reference_images:
             limit = self.facts.max_reference_images

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from denoiser_client.errors import PromptcastError, ServerUnavailable  # noqa: E402
+from denoiser_client.errors import OutOfGpuMemory, PromptcastError, ServerUnavailable  # noqa: E402
 from denoiser_client.ui.console import RANDOM_SEED, Console, ConsoleRequest, Rendered  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def build_page(console: Console) -> gr.Blocks:
                 rendered = console.render(request_from(form),
                                           progress=lambda step, steps: progress((step, steps), desc="denoising"))
             except (PromptcastError, ValueError, OSError) as e:
-                return failure(str(e), unavailable=isinstance(e, ServerUnavailable))
+                return failure(str(e) + FOLLOW_UP.get(type(e), ""))
             except Exception as e:  # noqa: BLE001 - the page must survive anything
                 logger.exception("render failed")
                 return failure(f"unexpected {type(e).__name__}: {e}")
@@ -128,9 +128,7 @@ def build_page(console: Console) -> gr.Blocks:
             return {result: str(rendered.path), info: rendered.info(), gallery: gallery_of(entries),
                     history: entries, status: console.encoder_line()}
 
-        def failure(message: str, unavailable: bool = False):
-            if unavailable:
-                message += "\nThe page keeps working: press Generate again once the encoder server is back."
+        def failure(message: str):
             gr.Warning(message.splitlines()[0], duration=10)
             return {result: None, info: f"error: {message}", status: console.encoder_line()}
 
@@ -146,6 +144,12 @@ def build_page(console: Console) -> gr.Blocks:
         gr.Timer(STATUS_SECONDS).tick(console.encoder_line, outputs=status, show_progress="hidden",
                                       concurrency_id="status")
     return page
+
+
+FOLLOW_UP = {  # what a person at the page can do next
+    ServerUnavailable: "\nThe page keeps working: press Generate again once the encoder server is back.",
+    OutOfGpuMemory: "\nA smaller Width and Height may fit; another memory plan needs promptcast ui restarted with it.",
+}
 
 
 def _negative_hint(family: str) -> str:
