@@ -152,8 +152,10 @@ class RemoteTextEncoder:
             credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
         # Keepalive pings find a dead link in ~40s even mid-encode (no data flowing), so a call on a
         # vanished replica fails over instead of waiting for its whole deadline.
+        # Subchannels of its own (gRPC shares them process-wide by default): a new client for a server that was
+        # down dials it at once, instead of inheriting a shared connection's reconnect backoff (up to two minutes).
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-                   ("grpc.http2.max_pings_without_data", 0),
+                   ("grpc.http2.max_pings_without_data", 0), ("grpc.use_local_subchannel_pool", 1),
                    ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         self._channels = [grpc.secure_channel(t, credentials, options) if credentials
                           else grpc.insecure_channel(t, options) for t in self.targets]
@@ -193,6 +195,23 @@ class RemoteTextEncoder:
         if model not in models:
             raise errors.ModelNotFound(f"model {model!r} is not hosted by {self.target}; hosted: {sorted(models)}")
         return models[model]
+
+    def health(self, timeout: float = 2.0) -> dict[str, str]:
+        """Each target's health for the TextEncoder service, asked once with no retry: `SERVING`, `NOT_SERVING`
+        (loading, draining, or a stuck device) or `UNREACHABLE` (no answer within `timeout` seconds)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        states = {}
+        for target, channel in zip(self.targets, self._channels):
+            request = health_pb2.HealthCheckRequest(service="promptcast.v1.TextEncoder")
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout, metadata=self._metadata)
+                states[target] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            except grpc.RpcError as e:
+                # The channel's own health checking fails every call on a NOT_SERVING server as "unhealthy".
+                answered = e.code() == grpc.StatusCode.NOT_FOUND or "unhealthy" in (e.details() or "").lower()
+                states[target] = "NOT_SERVING" if answered else "UNREACHABLE"
+        return states
 
     @property
     def target(self) -> str:

@@ -17,6 +17,7 @@ import typer
 
 from denoiser_client import cli as node
 from denoiser_client import precompute
+from denoiser_client.ui import command as ui_command
 from encoder_server import cli as server
 from promptcast import cache_cli
 
@@ -27,6 +28,7 @@ app.command("models")(node.models)
 app.command("generate")(node.generate)
 app.command("batch")(node.batch)
 app.command("encode")(precompute.encode)
+app.command("ui")(ui_command.ui)
 app.add_typer(cache_cli.app, name="cache")
 
 
