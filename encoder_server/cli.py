@@ -81,6 +81,9 @@ def serve(
     check_dtype(dtype)
     for flag, value in (("--port", port), ("--metrics-port", metrics_port), ("--health-port", health_port)):
         check_port(value, flag)
+    if http_port is not None:
+        _check_http(http_port, port, metrics_port, health_port)
+    check_options(tls_cert, tls_key, tls_client_ca)
     for flag, value, least in (("--max-batch-size", max_batch_size, 1), ("--max-queue", max_queue, 1),
                                ("--max-prompts-per-call", max_prompts_per_call, 1),
                                ("--max-prompt-chars", max_prompt_chars, 1), ("--max-batch-tokens", max_batch_tokens, 1),
@@ -102,16 +105,14 @@ def serve(
             raise ValueError(f"--model {spec.source!r} is a {index.get('_class_name')!r}; promptcast serves "
                              f"{', '.join(sorted(PIPELINE_FAMILIES))} (or pass --family)")
     device = resolve_device(device)
-    for flag, value in (("--port", port), ("--metrics-port", metrics_port), ("--health-port", health_port)):
+    for flag, value in (("--port", port), ("--metrics-port", metrics_port), ("--health-port", health_port),
+                        ("--http-port", http_port)):
         check_port_free(host, value, flag)
     if cache_dir is None:
         cache_dir = str(default_cache_dir())
     elif cache_dir.lower() == "none":
         cache_dir = None
 
-    check_options(tls_cert, tls_key, tls_client_ca)
-    if http_port is not None:
-        _check_http(http_port, port, metrics_port, health_port)
 
     config = ServerConfig(
         models=names, host=host, port=port, device=device,
@@ -136,15 +137,13 @@ def serve(
 def _check_http(http_port: int, port: int, metrics_port: int | None, health_port: int | None) -> None:
     """A valid, distinct port and the packages the gateway runs on, before anything loads."""
     if not 0 <= http_port <= 65535:
-        raise typer.BadParameter(f"{http_port} is not a port: use 0-65535 (0 picks a free one)",
-                                 param_hint="--http-port")
+        raise ValueError(f"--http-port {http_port} is not a port: use 0-65535 (0 picks a free one)")
     for other, name in ((port, "--port"), (metrics_port, "--metrics-port"), (health_port, "--health-port")):
         if http_port and other == http_port:
-            raise typer.BadParameter(f"{http_port} is {name} too: give HTTP a port of its own",
-                                     param_hint="--http-port")
+            raise ValueError(f"--http-port {http_port} is {name} too: give HTTP a port of its own")
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        raise typer.BadParameter(f"the HTTP gateway needs starlette and uvicorn, and {e.name} is not installed: "
-                                 "pip install 'promptcast[http]'", param_hint="--http-port") from None
+        raise ValueError(f"--http-port: the HTTP gateway needs starlette and uvicorn, and {e.name} is not installed: "
+                         "pip install 'promptcast[http]'") from None
