@@ -1,4 +1,5 @@
-"""`promptcast encode`: precompute embeddings for a job file and export them for plain diffusers.
+"""`promptcast encode`: precompute embeddings for a job file (or a dataset's captions) and export them for plain
+diffusers and training loops.
 
 Every prompt becomes one safetensors file whose tensor names are the diffusers call's own arguments,
 with the batch dimension of one prompt, so no promptcast code is needed to use it:
@@ -6,9 +7,14 @@ with the batch dimension of one prompt, so no promptcast code is needed to use i
     tensors = safetensors.torch.load_file("out/<name>.safetensors")
     image = pipe(**tensors, num_inference_steps=28).images[0]
 
-Encoding through the server also warms its cache tiers for the jobs that follow. Files are named by
-the prompt's cache key and written atomically, so a rerun skips prompts already exported.
-`index.jsonl` (one line per job, with its line number) and `index.json` (prompt -> file) list them.
+Encoding through the server also warms its cache tiers: a second run (another epoch's export, another
+machine) is answered from them, which each row of `index.jsonl` says (`cache_status`). Files are named by
+the prompt's cache key and written atomically, so a rerun skips prompts already exported. `index.jsonl`
+(one line per job, with its line number and, for a dataset's `metadata.jsonl`, its `file_name`) and
+`index.json` (prompt -> file) list them. A bad line (not UTF-8, not JSON, no prompt) is reported by its
+number and the others are exported; a call the server refuses for one of its prompts is retried prompt by
+prompt, so that prompt alone fails; a server that stops answering stops the run, and what was encoded is
+still written.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,6 +33,9 @@ from denoiser_client.cli import EncoderOpt, TimeoutOpt, TlsCaOpt, TlsCertOpt, Tl
 
 logger = logging.getLogger(__name__)
 
+# A dataset's `metadata.jsonl` (Hugging Face imagefolder) names its caption `text` or `caption`, beside `file_name`.
+CAPTION_FIELDS = ("text", "caption")
+
 
 @dataclass
 class Job:
@@ -33,6 +43,7 @@ class Job:
     prompt: str
     prompt_2: str | None = None
     negative_prompt: str | None = None
+    file_name: str | None = None  # the image a dataset's caption belongs to
 
 
 class JobError(ValueError):
@@ -40,7 +51,8 @@ class JobError(ValueError):
 
 
 def parse_job(line_no: int, text: str) -> Job:
-    """`{"prompt": ..., "prompt_2"?, "negative_prompt"?}` or DataFlow `{"conversations": [...]}` (last user turn)."""
+    """`{"prompt": ..., "prompt_2"?, "negative_prompt"?}`, DataFlow `{"conversations": [...]}` (last user turn), or a
+    dataset's `{"file_name": ..., "text" | "caption": ...}`."""
     try:
         record = json.loads(text)
     except ValueError as e:
@@ -49,12 +61,15 @@ def parse_job(line_no: int, text: str) -> Job:
         raise JobError(f"line {line_no}: expected a JSON object, got {type(record).__name__}")
     from denoiser_client.jobs import prompt_of
 
+    caption = next((f for f in CAPTION_FIELDS if isinstance(record.get(f), str)), None)
+    if caption and "prompt" not in record and "conversations" not in record:
+        record = {**record, "prompt": record[caption]}
     try:
         prompt = prompt_of(record)  # the same rules as `promptcast batch`, so exported keys match its requests
     except ValueError as e:
         raise JobError(f"line {line_no}: no prompt: {e}") from None
     extra = {}
-    for field in ("prompt_2", "negative_prompt"):
+    for field in ("prompt_2", "negative_prompt", "file_name"):
         value = record.get(field)
         if value is not None and not isinstance(value, str):
             raise JobError(f"line {line_no}: {field} must be a string, got {type(value).__name__}")
@@ -63,10 +78,17 @@ def parse_job(line_no: int, text: str) -> Job:
 
 
 def read_jobs(path: Path) -> tuple[list[Job], list[str]]:
-    """The jobs of a JSONL file and one error message per bad line (blank lines are skipped)."""
+    """The jobs of a JSONL file and one error message per bad line (blank lines are skipped). Each line is decoded
+    on its own, so one that is not UTF-8 is reported by number and the rest still run."""
     jobs, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8").removeprefix("\ufeff" if line_no == 1 else "")
+            except UnicodeDecodeError as e:
+                problems.append(f"line {line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8")
+                continue
             if not text.strip():
                 continue
             try:
@@ -76,47 +98,88 @@ def read_jobs(path: Path) -> tuple[list[Job], list[str]]:
     return jobs, problems
 
 
+def encode_texts(client, info, texts: list[tuple[str, str | None]], length: int, batch_size: int
+                 ) -> tuple[dict, dict[tuple, str], str | None]:
+    """Encode `(prompt, prompt_2)` pairs in calls of `batch_size`: (results by pair, failure reason by pair, why the
+    run stopped or None)."""
+    from denoiser_client import errors  # grpc: not on `promptcast --help`'s path
+
+    # Errors one prompt can cause (too long, NaN/Inf in its embedding): its call is retried prompt by prompt. Errors
+    # every later call would get too stop the run.
+    per_prompt = (errors.InvalidArgument, errors.EncodeError)
+    stopping = (errors.ServerUnavailable, errors.Unauthenticated)
+    done, failed = {}, {}
+    for with_2 in (False, True):
+        group = [t for t in texts if (t[1] is not None) == with_2]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            try:
+                try:
+                    done.update(_encode(client, info, chunk, with_2, length))
+                except per_prompt as e:  # one prompt may be the cause: the others must not fail with it
+                    if len(chunk) == 1:
+                        raise
+                    logger.info("a call of %d prompts was refused (%s); retrying them one by one", len(chunk), e)
+                    for text in chunk:
+                        try:
+                            done.update(_encode(client, info, [text], with_2, length))
+                        except per_prompt as single:
+                            failed[text] = str(single)
+            except stopping as e:
+                return done, failed, str(e)
+            except errors.PromptcastError as e:  # overloaded, deadline...: this call's prompts fail, the next may pass
+                failed.update({text: str(e) for text in chunk if text not in done})
+    return done, failed, None
+
+
+def _encode(client, info, chunk, with_2: bool, length: int) -> dict:
+    prompts_2 = [p2 for _, p2 in chunk] if with_2 else None
+    tensors, call = client.encode([p for p, _ in chunk], info.name, prompt_2=prompts_2, max_sequence_length=length,
+                                  with_info=True)
+    return {text: {"key": call.cache_keys[i], "status": call.cache_status[i],
+                   "tensors": {name: t[i:i + 1].clone() for name, t in tensors.items()}}
+            for i, text in enumerate(chunk)}
+
+
 def export(client, jobs: list[Job], out: Path, *, model: str | None = None, max_sequence_length: int | None = None,
            batch_size: int = 16, echo=print) -> tuple[list[dict], list[str]]:
     """Encode `jobs` on the server and write one file per job into `out`; returns (index rows, problems)."""
     from safetensors.torch import save
 
+    from denoiser_client import errors
     from shared.atomic_files import write_atomically
 
     info = client.model_info(model)
     length = max_sequence_length or info.default_max_sequence_length
+    if not 1 <= length <= info.max_max_sequence_length:  # refused for every prompt alike: say so once
+        raise errors.InvalidArgument(f"--max-sequence-length {length} is outside 1-{info.max_max_sequence_length}, "
+                                     f"the range of model {info.name!r}")
     out.mkdir(parents=True, exist_ok=True)
     batch_size = max(1, min(batch_size, info.max_prompts_per_call or batch_size))
 
-    # Unique texts to encode, split by whether they carry a prompt_2 (one request sends both or neither).
-    wanted: dict[tuple[str, str | None], dict] = {}
+    # Unique texts to encode (one request sends prompt_2 for all its prompts or for none).
+    wanted: dict[tuple[str, str | None], None] = {}
     for job in jobs:
-        wanted.setdefault((job.prompt, job.prompt_2), {})
+        wanted.setdefault((job.prompt, job.prompt_2))
         if job.negative_prompt is not None:
-            wanted.setdefault((job.negative_prompt, None), {})
+            wanted.setdefault((job.negative_prompt, None))
+    encoded, failed, stopped = encode_texts(client, info, list(wanted), length, batch_size)
     problems: list[str] = []
-    for with_2 in (False, True):
-        texts = [t for t in wanted if (t[1] is not None) == with_2]
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start:start + batch_size]
-            try:
-                tensors, call = client.encode([p for p, _ in chunk], info.name,
-                                              prompt_2=[p2 for _, p2 in chunk] if with_2 else None,
-                                              max_sequence_length=length, with_info=True)
-            except Exception as e:  # noqa: BLE001 - one failed batch must not sink the others
-                problems.append(f"{len(chunk)} prompts failed to encode: {e}")
-                continue
-            for i, text in enumerate(chunk):
-                wanted[text] = {"key": call.cache_keys[i], "status": call.cache_status[i],
-                                "tensors": {name: t[i:i + 1].clone() for name, t in tensors.items()}}
+    if stopped:
+        problems.append(f"stopped after {len(encoded)} of {len(wanted)} prompts: {stopped}")
 
     rows = []
     for job in jobs:
-        positive = wanted[(job.prompt, job.prompt_2)]
-        negative = wanted[(job.negative_prompt, None)] if job.negative_prompt is not None else None
-        if not positive or negative == {}:
-            problems.append(f"line {job.line}: not exported (its encode failed)")
+        texts = [(job.prompt, job.prompt_2)]
+        if job.negative_prompt is not None:
+            texts.append((job.negative_prompt, None))
+        missing = [t for t in texts if t not in encoded]
+        if missing:
+            reason = failed.get(missing[0], "the server stopped answering before it was sent")
+            problems.append(f"line {job.line}: not exported: {reason}")
             continue
+        positive = encoded[texts[0]]
+        negative = encoded[texts[1]] if len(texts) > 1 else None
         tensors = dict(positive["tensors"])
         key = positive["key"]
         if negative is not None:
@@ -132,11 +195,14 @@ def export(client, jobs: list[Job], out: Path, *, model: str | None = None, max_
                      "negative_prompt": job.negative_prompt, "file": name, "cache_key": key,
                      "cache_status": positive["status"],
                      "shapes": {k: list(t.shape) for k, t in tensors.items()},
-                     "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")})
+                     "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+                     **({"file_name": job.file_name} if job.file_name is not None else {})})
     write_atomically(out / "index.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     write_atomically(out / "index.json", json.dumps({r["prompt"]: r["file"] for r in rows}, ensure_ascii=False,
                                                     indent=1, sort_keys=True).encode())
-    echo(f"{len(rows)} prompts exported to {out} (model {info.name}, max_sequence_length {length})")
+    statuses = Counter(r["cache_status"] for r in rows)
+    cache = ", ".join(f"{status} {n}" for status, n in sorted(statuses.items())) or "-"
+    echo(f"{len(rows)} prompts exported to {out} (model {info.name}, max_sequence_length {length}; cache {cache})")
     return rows, problems
 
 
@@ -144,7 +210,8 @@ def encode(
     encoder: EncoderOpt,
     out: Annotated[Path, typer.Option(help="Folder for one safetensors file per prompt plus index.jsonl/index.json.")],
     input: Annotated[Optional[Path], typer.Argument(help="Job file: JSONL lines {\"prompt\": ...} (optional prompt_2, "
-                                                    "negative_prompt) or DataFlow {\"conversations\": [...]}.")
+                                                    "negative_prompt), DataFlow {\"conversations\": [...]}, or a "
+                                                    "dataset's metadata.jsonl {\"file_name\", \"text\"}.")
                      ] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable), instead of or "
                                                         "besides INPUT.")] = None,

@@ -15,9 +15,10 @@ import grpc
 import torch
 
 from denoiser_client import errors
+from shared.collate import STACK, Layout, batch_of, collate
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import CACHE_STATUS_NAMES, DTYPES, EmbeddingAssembler, decode_response
+from shared.tensor_codec import CACHE_STATUS_NAMES, COLLATE_NAMES, DTYPES, EmbeddingAssembler, decode_response
 from shared.tensor_codec import PayloadError as _WirePayloadError
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,15 @@ _SERVICE_CONFIG = json.dumps({
 
 @dataclass(frozen=True)
 class OutputInfo:
+    """One output of a hosted model: its argument name, dtype, per-prompt shape (variable-length: the largest), whether
+    its first axis is `fixed_tokens + max_sequence_length`, and how prompts are batched (`shared.collate.Layout`)."""
+
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     per_token: bool
+    fixed_tokens: int = 0
+    layout: Layout = Layout()
 
 
 @dataclass(frozen=True)
@@ -56,12 +62,18 @@ class ModelInfo:
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
-        outputs = tuple(OutputInfo(o.name, DTYPES[o.dtype], tuple(o.shape), o.per_token) for o in m.outputs)
+        outputs = tuple(OutputInfo(o.name, DTYPES[o.dtype], tuple(o.shape), o.per_token, o.fixed_tokens,
+                                   Layout(COLLATE_NAMES.get(o.collate, "stack"), o.mask_name)) for o in m.outputs)
         return cls(m.name, m.family, m.source, m.fingerprint, outputs, m.default_max_sequence_length,
                    m.max_max_sequence_length, m.max_prompts_per_call)
 
     def output(self, name: str) -> OutputInfo | None:
         return next((o for o in self.outputs if o.name == name), None)
+
+    @property
+    def layouts(self) -> dict[str, Layout]:
+        """Output name -> how its prompts are batched (`shared.collate.collate` takes this)."""
+        return {o.name: o.layout for o in self.outputs}
 
 
 @dataclass
@@ -140,8 +152,10 @@ class RemoteTextEncoder:
             credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
         # Keepalive pings find a dead link in ~40s even mid-encode (no data flowing), so a call on a
         # vanished replica fails over instead of waiting for its whole deadline.
+        # Subchannels of its own (gRPC shares them process-wide by default): a new client for a server that was
+        # down dials it at once, instead of inheriting a shared connection's reconnect backoff (up to two minutes).
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-                   ("grpc.http2.max_pings_without_data", 0),
+                   ("grpc.http2.max_pings_without_data", 0), ("grpc.use_local_subchannel_pool", 1),
                    ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
         self._channels = [grpc.secure_channel(t, credentials, options) if credentials
                           else grpc.insecure_channel(t, options) for t in self.targets]
@@ -182,20 +196,38 @@ class RemoteTextEncoder:
             raise errors.ModelNotFound(f"model {model!r} is not hosted by {self.target}; hosted: {sorted(models)}")
         return models[model]
 
+    def health(self, timeout: float = 2.0) -> dict[str, str]:
+        """Each target's health for the TextEncoder service, asked once with no retry: `SERVING`, `NOT_SERVING`
+        (loading, draining, or a stuck device) or `UNREACHABLE` (no answer within `timeout` seconds)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        states = {}
+        for target, channel in zip(self.targets, self._channels):
+            request = health_pb2.HealthCheckRequest(service="promptcast.v1.TextEncoder")
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout, metadata=self._metadata)
+                states[target] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            except grpc.RpcError as e:
+                # The channel's own health checking fails every call on a NOT_SERVING server as "unhealthy".
+                answered = e.code() == grpc.StatusCode.NOT_FOUND or "unhealthy" in (e.details() or "").lower()
+                states[target] = "NOT_SERVING" if answered else "UNREACHABLE"
+        return states
+
     @property
     def target(self) -> str:
         return ",".join(self.targets)
 
     def encode(self, prompt: str | list[str], model: str | None = None, *, prompt_2: str | list[str] | None = None,
                max_sequence_length: int | None = None, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None, with_info: bool = False):
+               dtype: torch.dtype | None = None, with_info: bool = False, collated: bool = True):
         r"""
         Encode prompts on the server.
 
         Args:
             prompt (`str` or `list[str]`): the prompt or prompts.
             model (`str`, *optional*): the hosted model's name; may be omitted when the server hosts one.
-            prompt_2 (`str` or `list[str]`, *optional*): FLUX.1's T5 prompt(s); defaults to `prompt`.
+            prompt_2 (`str` or `list[str]`, *optional*): the second text encoder's prompt(s) (FLUX.1's T5, SD3's
+                CLIP-G); defaults to `prompt`.
             max_sequence_length (`int`, *optional*): defaults to the model's default (FLUX.1-dev: 512).
             device (`str` or `torch.device`, *optional*): where to put the tensors (default: the CPU). diffusers
                 does not move given embeddings, so a CUDA pipeline needs `device=pipe.device`.
@@ -203,10 +235,15 @@ class RemoteTextEncoder:
                 the one diffusers produces there); a bf16 pipeline fed by an fp32 server needs `dtype=pipe.dtype`.
             with_info (`bool`, *optional*): also return an [`EncodeInfo`] (per prompt: cache status
                 `miss`, `memory`, `disk`, `redis` or `local`, cache key...).
+            collated (`bool`, *optional*, defaults to `True`): batch variable-length outputs as the pipeline takes
+                them. `False` returns them as the server sends them, one tensor per prompt in a list, for a caller
+                that batches groups of prompts itself (`shared.collate.collate` with `model_info(model).layouts`).
 
         Returns:
             `dict[str, torch.Tensor]`: tensors keyed by the diffusers call's argument names (`prompt_embeds`,
-            `pooled_prompt_embeds`...); `(embeddings, info)` with `with_info=True`.
+            `pooled_prompt_embeds`; Qwen-Image: `prompt_embeds` padded to the longest prompt and
+            `prompt_embeds_mask`; Z-Image: `prompt_embeds` as a list of `(L_i, D)` tensors), so `pipe(**embeds)`
+            works; `(embeddings, info)` with `with_info=True`.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts_2 = None if prompt_2 is None else ([prompt_2] if isinstance(prompt_2, str) else list(prompt_2))
@@ -216,13 +253,25 @@ class RemoteTextEncoder:
             tensors, info = self._encode_through_cache(prompts, model, prompts_2, max_sequence_length)
         else:
             tensors, info = self._encode_remote(prompts, model, prompts_2, max_sequence_length)
+        if collated and any(isinstance(t, list) for t in tensors.values()):
+            tensors = collate(tensors, self._layouts(model, tensors))
         if device is not None or dtype is not None:
-            tensors = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-                       for name, t in tensors.items()}
+            def move(t: torch.Tensor) -> torch.Tensor:
+                return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+            tensors = {name: [move(x) for x in t] if isinstance(t, list) else move(t) for name, t in tensors.items()}
         return (tensors, info) if with_info else tensors
 
+    def _layouts(self, model: str | None, tensors: dict) -> dict[str, Layout]:
+        """How the model's outputs are batched (ListModels, asked once and kept; again if it lacks an output)."""
+        layouts = self.model_info(model).layouts
+        if not set(tensors) <= set(layouts):
+            self._models = None  # the model changed under its name
+            layouts = self.model_info(model).layouts
+        return layouts
+
     def _encode_through_cache(self, prompts: list[str], model: str | None, prompts_2: list[str] | None,
-                              max_sequence_length: int | None) -> tuple[dict[str, torch.Tensor], EncodeInfo]:
+                              max_sequence_length: int | None) -> tuple[dict, EncodeInfo]:
         """Hits from the node's cache, the rest from the server (then kept)."""
         started = time.perf_counter()
         info = self.model_info(model)  # cached after the first call: a full hit makes no RPC
@@ -246,13 +295,16 @@ class RemoteTextEncoder:
                                "another promptcast version); refreshing its model list", remote.target)
         if len(missing) == len(prompts):  # all from the server: already one batch, in order
             out = tensors
-        else:
-            out = {name: torch.stack([rows[i][name] for i in range(len(prompts))]) for name in rows[0]}
+        else:  # as the server sends them: one-shape outputs stacked, variable-length ones a list per prompt
+            layouts = info.layouts
+            joined = batch_of([rows[i] for i in range(len(prompts))])
+            out = {name: values if layouts.get(name, Layout()).collate != STACK else torch.stack(values)
+                   for name, values in joined.items()}
         return out, EncodeInfo(status, server_keys, remote.bytes_received, time.perf_counter() - started,
                                remote.server_seconds, remote.target, remote.attempts, remote.request_id)
 
     def _encode_remote(self, prompts: list[str], model: str | None, prompts_2: list[str] | None,
-                       max_sequence_length: int | None) -> tuple[dict[str, torch.Tensor], EncodeInfo]:
+                       max_sequence_length: int | None) -> tuple[dict, EncodeInfo]:
         request = pb.EncodeRequest(model=model or "", prompts=prompts, prompts_2=prompts_2 or [],
                                    max_sequence_length=max_sequence_length or 0)
         started = time.perf_counter()

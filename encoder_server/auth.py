@@ -1,9 +1,10 @@
 """Bearer-token authentication for the encoder server (`--token-file`).
 
 Every RPC except health checks and reflection must carry `authorization: Bearer <token>`, where
-the token is one line of the token file. Probes (kubelet, load balancers, `grpc_health_probe`)
-cannot send tokens, so health and reflection stay open; they reveal nothing but the status and
-the service names. The file is re-read on SIGHUP, so tokens rotate without a restart.
+the token is one line of the token file; the HTTP gateway asks the same of its `Authorization`
+header (`refusal`). Probes (kubelet, load balancers, `grpc_health_probe`) cannot send tokens, so
+health, reflection and HTTP `/healthz` stay open; they reveal nothing but the status and the
+service names. The file is re-read on SIGHUP, so tokens rotate without a restart.
 """
 
 from __future__ import annotations
@@ -66,19 +67,23 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
             matched |= hmac.compare_digest(presented, token)
         return matched
 
-    def _check(self, metadata) -> str | None:
-        """None when the call may proceed, else the reason it may not."""
-        values = [value for key, value in (metadata or ()) if key == "authorization"]
-        if not values:
-            return ("this server requires a token: send `authorization: Bearer <token>` metadata "
-                    "(--token or $PROMPTCAST_TOKEN on promptcast commands)")
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+    def refusal(self, authorization: str | bytes | None) -> str | None:
+        """None when an `authorization` value (gRPC metadata or HTTP header) carries an accepted bearer token,
+        else the reason the call is refused."""
+        if authorization is None:
+            return ("this server requires a token: send `authorization: Bearer <token>` (gRPC metadata or HTTP "
+                    "header; --token or $PROMPTCAST_TOKEN on promptcast commands)")
+        value = authorization if isinstance(authorization, str) else authorization.decode("latin-1")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return "the authorization metadata must be `Bearer <token>`"
+            return "the authorization value must be `Bearer <token>`"
         if not self.accepts(token.strip().encode()):
             return "the token was not accepted by this server (check --token / $PROMPTCAST_TOKEN)"
         return None
+
+    def _check(self, metadata) -> str | None:
+        values = [value for key, value in (metadata or ()) if key == "authorization"]
+        return self.refusal(values[0] if values else None)
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method

@@ -7,6 +7,7 @@ padded tokens); each request gets exactly its own rows back. The queue is bounde
 A request whose deadline has passed, or whose every waiter went away, is dropped before GPU work.
 A batch that runs out of GPU memory is split in halves and retried; only a request that cannot
 fit on its own fails, with `Overloaded`. Rows with NaN or Inf fail their request (`EncodeFailed`).
+A variable-length output is a list of per-prompt tensors throughout; every other one a `(B, ...)` tensor.
 
 Every queue decision (accept, drop, merge) is made on the event loop's thread, so a request
 that joins a job and a worker that drops it never race; the worker thread only runs the model.
@@ -275,7 +276,7 @@ class DynamicBatcher:
             if isinstance(outcome, Exception):
                 return outcome
             parts.append(outcome)
-        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        return {name: _concat([part[name] for part in parts]) for name in parts[0]}
 
     def _too_large(self, job: EncodeJob) -> Overloaded:
         return Overloaded(f"one prompt at max_sequence_length={job.max_sequence_length} does not fit in "
@@ -287,22 +288,40 @@ class DynamicBatcher:
         on the device, so the CPU never scans the bytes)."""
         self.stats.encodes += 1
         out = self.encoder.encode(prompts, prompts_2, max_sequence_length)
-        finite = {name: torch.isfinite(t).flatten(1).all(1) for name, t in out.items() if t.is_floating_point()}
+        finite = {name: _finite_rows(t) for name, t in out.items() if _floating(t)}
         host = _to_cpu({**out, **{f"finite:{name}": ok for name, ok in finite.items()}})  # one sync for all
         return {name: host[name] for name in out}, {name: host[f"finite:{name}"] for name in finite}
 
 
-def _to_cpu(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _floating(value: torch.Tensor | list[torch.Tensor]) -> bool:
+    return (value[0] if isinstance(value, list) else value).is_floating_point()
+
+
+def _finite_rows(value: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """Per prompt, whether all its values are finite: `(B,)` bool, on the outputs' device."""
+    if isinstance(value, list):
+        return torch.stack([torch.isfinite(t).all() for t in value])
+    return torch.isfinite(value).flatten(1).all(1)
+
+
+def _concat(parts: list[torch.Tensor | list[torch.Tensor]]) -> torch.Tensor | list[torch.Tensor]:
+    return [t for part in parts for t in part] if isinstance(parts[0], list) else torch.cat(parts)
+
+
+def _to_cpu(out: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     """The outputs on the host. From a GPU they are copied into pinned memory (PyTorch's caching host allocator reuses
     its blocks), several times faster than a pageable copy: 128 MiB a FLUX.1 batch of 32."""
     host, streams = {}, set()
-    for name, t in out.items():
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        if t.is_cuda:
-            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-            streams.add(torch.cuda.current_stream(t.device))
-        else:
-            host[name] = t.to("cpu")
+        if not t.is_cuda:
+            return t.to("cpu")
+        streams.add(torch.cuda.current_stream(t.device))
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+    for name, value in out.items():
+        host[name] = [copy(t) for t in value] if isinstance(value, list) else copy(value)
     for stream in streams:
         stream.synchronize()
     return host

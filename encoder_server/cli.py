@@ -21,7 +21,7 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32.")] = "auto",
     family: Annotated[Optional[str], typer.Option(help="Override the family read from model_index.json: "
-                                                  "flux1, flux2, flux2-klein.")] = None,
+                                                  "flux1, flux2, flux2-klein, sd3, qwen-image, z-image, wan.")] = None,
     grace: Annotated[float, typer.Option(help="Seconds in-flight streams get to finish on SIGTERM.")] = 30.0,
     max_batch_size: Annotated[int, typer.Option(help="Most prompts merged into one forward pass.")] = 16,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to batch with.")] = 2.0,
@@ -46,6 +46,10 @@ def serve(
                                                         "(0 picks one).")] = None,
     health_port: Annotated[Optional[int], typer.Option(help="Also serve grpc.health.v1 in plaintext on this "
                                                        "port (kubelet gRPC probes cannot speak TLS).")] = None,
+    http_port: Annotated[Optional[int], typer.Option(help="Also serve HTTP on this port: POST /predict (Hugging "
+                                                     "Face's hosted FLUX.2 text encoder API), POST /v1/encode, GET "
+                                                     "/healthz; HTTPS with --tls-cert. Needs promptcast[http].")
+                         ] = None,
     gpu_timeout: Annotated[float, typer.Option(help="Health turns NOT_SERVING while one batch runs longer "
                                                "than this many seconds (a stuck GPU); 0 disables.")] = 300.0,
     max_batch_tokens: Annotated[int, typer.Option(help="Most padded tokens (prompts x max_sequence_length) in one "
@@ -77,6 +81,9 @@ def serve(
     check_dtype(dtype)
     for flag, value in (("--port", port), ("--metrics-port", metrics_port), ("--health-port", health_port)):
         check_port(value, flag)
+    if http_port is not None:
+        _check_http(http_port, port, metrics_port, health_port)
+    check_options(tls_cert, tls_key, tls_client_ca)
     for flag, value, least in (("--max-batch-size", max_batch_size, 1), ("--max-queue", max_queue, 1),
                                ("--max-prompts-per-call", max_prompts_per_call, 1),
                                ("--max-prompt-chars", max_prompt_chars, 1), ("--max-batch-tokens", max_batch_tokens, 1),
@@ -98,14 +105,14 @@ def serve(
             raise ValueError(f"--model {spec.source!r} is a {index.get('_class_name')!r}; promptcast serves "
                              f"{', '.join(sorted(PIPELINE_FAMILIES))} (or pass --family)")
     device = resolve_device(device)
-    for flag, value in (("--port", port), ("--metrics-port", metrics_port), ("--health-port", health_port)):
+    for flag, value in (("--port", port), ("--metrics-port", metrics_port), ("--health-port", health_port),
+                        ("--http-port", http_port)):
         check_port_free(host, value, flag)
     if cache_dir is None:
         cache_dir = str(default_cache_dir())
     elif cache_dir.lower() == "none":
         cache_dir = None
 
-    check_options(tls_cert, tls_key, tls_client_ca)
 
     config = ServerConfig(
         models=names, host=host, port=port, device=device,
@@ -116,7 +123,7 @@ def serve(
     text = lambda path: None if path is None else str(path)  # noqa: E731
     config = replace(config, tls_cert=text(tls_cert), tls_key=text(tls_key), tls_client_ca=text(tls_client_ca),
                      token_file=text(token_file), metrics_port=metrics_port, health_port=health_port,
-                     gpu_timeout=gpu_timeout)
+                     gpu_timeout=gpu_timeout, http_port=http_port)
     config = replace(config, max_batch_tokens=max_batch_tokens, compile=compile, quantize=quantize,
                      cuda_graphs=cuda_graphs)
 
@@ -125,3 +132,18 @@ def serve(
 
     asyncio.run(run())
     logger.info("stopped")
+
+
+def _check_http(http_port: int, port: int, metrics_port: int | None, health_port: int | None) -> None:
+    """A valid, distinct port and the packages the gateway runs on, before anything loads."""
+    if not 0 <= http_port <= 65535:
+        raise ValueError(f"--http-port {http_port} is not a port: use 0-65535 (0 picks a free one)")
+    for other, name in ((port, "--port"), (metrics_port, "--metrics-port"), (health_port, "--health-port")):
+        if http_port and other == http_port:
+            raise ValueError(f"--http-port {http_port} is {name} too: give HTTP a port of its own")
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--http-port: the HTTP gateway needs starlette and uvicorn, and {e.name} is not installed: "
+                         "pip install 'promptcast[http]'") from None

@@ -95,11 +95,14 @@ class ServerMetrics:
                 call.cache[status] = call.cache.get(status, 0) + 1
 
     @contextlib.contextmanager
-    def call(self, method: str, rid: str, requested_model: str = "", prompts: int = 0, peer: str = ""):
+    def call(self, method: str, rid: str, requested_model: str = "", prompts: int = 0, peer: str = "",
+             encodes: bool | None = None):
         """Record one call of any transport: its code (set `record.code`, else OK, CANCELLED or UNKNOWN from how
         the block ends), time, bytes, cache results and log line. The domain's `observe_cache` reaches the record
-        of the call it runs in."""
-        record = CallRecord(self, method, rid, requested_model, prompts, peer)
+        of the call it runs in. A call that `encodes` (default: gRPC's `Encode`) gets a model label, byte counts and
+        the request log line."""
+        record = CallRecord(self, method, rid, requested_model, prompts, peer,
+                            method == "Encode" if encodes is None else encodes)
         token = _CURRENT_CALL.set(record)
         self.in_flight.inc()
         try:
@@ -265,16 +268,21 @@ class CallRecord:
     """What one call did, turned into series and one log line when it ends. The domain adds its cache results
     (`ServerMetrics.observe_cache`); the transport adds the bytes it sends (`sent`)."""
 
-    def __init__(self, metrics: ServerMetrics, method: str, rid: str, requested_model: str, prompts: int, peer: str):
-        self.metrics, self.method, self.rid, self.peer = metrics, method, rid, peer
-        self.requested_model = requested_model
-        self.model = metrics.model_label(requested_model) if method == "Encode" else ""
-        self.prompts = prompts
+    def __init__(self, metrics: ServerMetrics, method: str, rid: str, requested_model: str, prompts: int, peer: str,
+                 encodes: bool = False):
+        self.metrics, self.method, self.rid, self.peer, self.encodes = metrics, method, rid, peer, encodes
         self.bytes = 0
         self.cache: dict[str, int] = {}
-        self.streamed = metrics.streamed_bytes.labels(self.model) if method == "Encode" else None
         self.code: str | None = None
         self.started = time.perf_counter()
+        self.describe(requested_model, prompts)
+
+    def describe(self, requested_model: str, prompts: int) -> None:
+        """The model and prompt count of the request, for a transport that learns them only once the call has
+        begun (HTTP reads its body inside the call, so a malformed one is counted too)."""
+        self.requested_model, self.prompts = requested_model, prompts
+        self.model = self.metrics.model_label(requested_model) if self.encodes else ""
+        self.streamed = self.metrics.streamed_bytes.labels(self.model) if self.encodes else None
 
     def sent(self, message) -> None:
         size = len(message) if isinstance(message, (bytes, memoryview)) else message.ByteSize()
@@ -287,8 +295,8 @@ class CallRecord:
         code = self.code or "OK"
         m.requests.labels(self.method, self.model, code).inc()
         m.request_seconds.labels(self.method).observe(seconds)
-        if self.method == "Encode":
+        if self.encodes:
             cache = ",".join(f"{k}:{v}" for k, v in sorted(self.cache.items())) or "-"
-            logger.info("encode request_id=%s model=%s prompts=%d code=%s seconds=%.3f bytes=%d cache=%s peer=%s",
-                        self.rid, _loggable(self.requested_model or self.model), self.prompts, code, seconds,
-                        self.bytes, cache, self.peer)
+            logger.info("encode request_id=%s model=%s prompts=%d code=%s seconds=%.3f bytes=%d cache=%s peer=%s "
+                        "method=%s", self.rid, _loggable(self.requested_model or self.model), self.prompts, code,
+                        seconds, self.bytes, cache, self.peer, self.method)

@@ -1,4 +1,4 @@
-"""Assemble and run the encoder server: gRPC (aio) + health + reflection, load, warm, drain."""
+"""Assemble and run the encoder server: gRPC (aio) + health + reflection (+ the HTTP gateway), load, warm, drain."""
 
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ class ServerConfig:
     token_file: str | None = None
     metrics_port: int | None = None
     health_port: int | None = None  # plaintext health-only port, for probes that cannot speak TLS (kubelet)
+    http_port: int | None = None  # the HTTP gateway (hosted FLUX.2 text encoder's /predict, /v1/encode, /healthz)
     gpu_timeout: float = 300.0
     max_batch_tokens: int = 16 * 512  # padded tokens in one forward pass (prompts x max_sequence_length)
     compile: bool = False  # torch.compile the encoders' repeated blocks, warmed at start-up
@@ -127,14 +128,33 @@ class EncoderServer:
             self.health_server = aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = _bind(self.health_server, config.host, config.health_port, None, "--health-port")
+        self.serving = False
+        self.gateway = None
+        if config.http_port is not None:
+            from encoder_server.http_gateway import HttpGateway
+
+            self.gateway = HttpGateway(self.service, self.metrics, host=config.host, port=config.http_port,
+                                       serving=lambda: self.serving, auth=self.auth, tls_cert=config.tls_cert,
+                                       tls_key=config.tls_key, tls_client_ca=config.tls_client_ca,
+                                       executor=self.servicer.packers)
         self.metrics_port: int | None = None
         self._watchdog: asyncio.Task | None = None
         self.stopped = asyncio.Event()
 
+    @property
+    def http_port(self) -> int | None:
+        return self.gateway.port if self.gateway is not None else None
+
+    @property
+    def active_calls(self) -> int:
+        """promptcast calls being handled now, over gRPC and HTTP."""
+        return self.calls.active + (self.gateway.active if self.gateway is not None else 0)
+
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
-        self.metrics.serving.set(status == health_pb2.HealthCheckResponse.SERVING)
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
+        self.metrics.serving.set(self.serving)
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -144,6 +164,9 @@ class EncoderServer:
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.gateway is not None:
+            await self.gateway.start()
+            logger.info("HTTP gateway on %s://%s:%d", self.gateway.scheme, self.config.host, self.gateway.port)
         logger.info("listening on %s:%d (NOT_SERVING until the models are warm)", self.config.host, self.port)
         encoders = self._preloaded if self._preloaded is not None else await asyncio.to_thread(self._load)
         for encoder in encoders:
@@ -174,16 +197,18 @@ class EncoderServer:
             self._watchdog.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.enter_graceful_shutdown()  # pinned: nothing turns it back to SERVING
-        # New Encode calls are refused (UNAVAILABLE) from here on by the draining service. Health Watch streams
-        # (client-side health checks) never end on their own and would hold a `server.stop(grace)` for the whole
-        # grace period: wait for our own calls only, then stop once. (One `stop` call only: two overlapping
-        # shutdowns of a grpc.aio server can crash its core.)
+        # New Encode calls (gRPC, HTTP) are refused (UNAVAILABLE, 503) from here on by the draining service. Health
+        # Watch streams (client-side health checks) never end on their own and would hold a `server.stop(grace)` for
+        # the whole grace period: wait for our own calls only, then stop once. (One `stop` call only: two
+        # overlapping shutdowns of a grpc.aio server can crash its core.)
         deadline = time.monotonic() + grace
-        while self.calls.active and time.monotonic() < deadline:
+        while self.active_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(0)
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self.gateway is not None:
+            await self.gateway.stop()
         await self.service.close()
         self.servicer.close()
         self.metrics.stop_http()
@@ -227,6 +252,8 @@ class EncoderServer:
             await self.start()
         except BaseException:
             await self.server.stop(0)
+            if self.gateway is not None:
+                await self.gateway.stop()
             self.metrics.stop_http()
             raise
         await self.stopped.wait()
@@ -310,6 +337,11 @@ class BackgroundServer:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """`http(s)://host:port` of the HTTP gateway (`ServerConfig(http_port=...)`)."""
+        return f"{self.server.gateway.scheme}://{self.config.host}:{self.server.http_port}"
 
     def stop(self, grace: float = 0) -> None:
         if self.server is not None and not self.server.stopped.is_set():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from encoder_server.batcher import DynamicBatcher, EncodeJob
 from encoder_server.cache import EmbeddingCache, Tensors
-from encoder_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, NotFound
+from encoder_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, NotFound, RequestTooLarge
 from encoder_server.families import Encoder
 from shared.cache_keys import embedding_key
 
@@ -50,6 +50,7 @@ class EmbeddingService:
         self.draining = False
         self._in_flight: dict[str, tuple[asyncio.Future, EncodeJob]] = {}  # cache key -> (result, job)
         self._publishing: set[asyncio.Task] = set()
+        self._variable: dict[str, frozenset[str]] = {}
 
     def add(self, encoder: Encoder) -> None:
         if encoder.name in self.encoders:
@@ -82,12 +83,19 @@ class EmbeddingService:
             raise NotFound(f"model {name!r} is not hosted here; hosted: {', '.join(self.encoders)}")
         return self.encoders[name]
 
+    def variable_outputs(self, name: str | None) -> frozenset[str]:
+        """The names of a model's variable-length outputs (their wire specs say so)."""
+        encoder = self.model(name)
+        if encoder.name not in self._variable:
+            self._variable[encoder.name] = frozenset(o.name for o in encoder.outputs if o.variable_length)
+        return self._variable[encoder.name]
+
     def validate(self, encoder: Encoder, prompts: list[str], prompts_2: list[str] | None,
                  max_sequence_length: int) -> None:
         if not prompts:
             raise InvalidInput("prompts is empty: send at least one prompt")
         if len(prompts) > self.limits.max_prompts_per_call:
-            raise InvalidInput(f"{len(prompts)} prompts in one call is over {self.limits.max_prompts_per_call}, "
+            raise RequestTooLarge(f"{len(prompts)} prompts in one call is over {self.limits.max_prompts_per_call}, "
                                "the limit per call (--max-prompts-per-call); split the request")
         if prompts_2 is not None and not encoder.takes_prompt_2:
             raise InvalidInput(f"prompts_2 was given, but model {encoder.name!r} ({encoder.family}) has one text "
@@ -97,7 +105,7 @@ class EmbeddingService:
                                "send one prompt_2 per prompt or none")
         for i, text in enumerate(prompts + (prompts_2 or [])):
             if len(text) > self.limits.max_prompt_chars:
-                raise InvalidInput(f"prompt {i % len(prompts)} has {len(text)} characters, over "
+                raise RequestTooLarge(f"prompt {i % len(prompts)} has {len(text)} characters, over "
                                    f"{self.limits.max_prompt_chars}, the limit (--max-prompt-chars)")
         if not 1 <= max_sequence_length <= encoder.max_sequence_length_limit:
             raise InvalidInput(f"max_sequence_length={max_sequence_length} is over "

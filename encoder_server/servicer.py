@@ -16,7 +16,7 @@ import grpc
 from encoder_server.service import EmbeddingService, deadline_from, describe
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import CACHE_STATUS, DTYPE_NAMES, pack_embedding
+from shared.tensor_codec import CACHE_STATUS, CHUNK_BYTES, COLLATE, DTYPE_NAMES, pack_embedding
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 
@@ -24,7 +24,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 
 def model_info(encoder, max_prompts_per_call: int) -> pb.ModelInfo:
     info = describe(encoder)
-    outputs = [pb.OutputSpec(name=o.name, dtype=DTYPE_NAMES[o.dtype], shape=o.shape, per_token=o.per_token)
+    outputs = [pb.OutputSpec(name=o.name, dtype=DTYPE_NAMES[o.dtype], shape=o.shape, per_token=o.per_token,
+                             fixed_tokens=o.fixed_tokens, collate=COLLATE[o.layout.collate], mask_name=o.layout.mask)
                for o in info.pop("outputs")]
     return pb.ModelInfo(**info, outputs=outputs, max_prompts_per_call=max_prompts_per_call)
 
@@ -50,9 +51,11 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         embeddings = await self.service.encode(
             request.model, list(request.prompts), list(request.prompts_2) or None, request.max_sequence_length,
             deadline=deadline_from(context.time_remaining()))
+        variable = self.service.variable_outputs(request.model)
         loop = asyncio.get_running_loop()
         packed = [loop.run_in_executor(self.packers, pack_embedding, index, e.key, CACHE_STATUS[e.cache_status],
-                                       e.tensors, e.seconds) for index, e in enumerate(embeddings)]
+                                       e.tensors, e.seconds, CHUNK_BYTES, variable)
+                  for index, e in enumerate(embeddings)]
         try:
             for prompt in packed:
                 for message in await prompt:

@@ -17,6 +17,7 @@ import typer
 
 from denoiser_client import cli as node
 from denoiser_client import precompute
+from denoiser_client.ui import command as ui_command
 from encoder_server import cli as server
 from promptcast import cache_cli
 
@@ -27,6 +28,7 @@ app.command("models")(node.models)
 app.command("generate")(node.generate)
 app.command("batch")(node.batch)
 app.command("encode")(precompute.encode)
+app.command("ui")(ui_command.ui)
 app.add_typer(cache_cli.app, name="cache")
 
 
@@ -47,7 +49,8 @@ def demo(out: Annotated[Path, typer.Option(help="Where to save the image.")] = P
 
 @app.command("make-tiny-model")
 def make_tiny_model(path: Path,
-                    family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein...")] = "flux1",
+                    family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein, sd3, "
+                                                                 "qwen-image, z-image, wan.")] = "flux1",
                     seed: int = 0, overwrite: bool = False):
     """Write a complete small diffusers folder (real classes, random weights, local tokenizers)."""
     _check_family(family)
@@ -66,7 +69,7 @@ def _check_family(family: str) -> None:
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("PROMPTCAST_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "uvicorn.error"):  # uvicorn: "Started server process" and the like
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -34,6 +34,24 @@ def _flux2_klein_negative(config: Mapping, negative_prompt: str | None, guidance
     return None if distilled or (4.0 if guidance is None else guidance) <= 1 else (negative_prompt or "")
 
 
+def _guidance_above(threshold: float, default: float):
+    """The rule of pipelines that run CFG whenever `guidance_scale > threshold` (`default` when not given), with ""
+    as their default negative prompt: StableDiffusion3Pipeline and WanPipeline (> 1), ZImagePipeline (> 0)."""
+
+    def rule(config: Mapping, negative_prompt: str | None, guidance: float | None,
+             true_cfg_scale: float | None) -> str | None:
+        return (negative_prompt or "") if (default if guidance is None else guidance) > threshold else None
+
+    return rule
+
+
+def _qwen_image_negative(config: Mapping, negative_prompt: str | None, guidance: float | None,
+                         true_cfg_scale: float | None) -> str | None:
+    # QwenImagePipeline runs true CFG only with a negative prompt and true_cfg_scale > 1 (its default is 4).
+    return negative_prompt if negative_prompt is not None and (4.0 if true_cfg_scale is None else true_cfg_scale) > 1 \
+        else None
+
+
 NegativePromptRule = Callable[[Mapping, "str | None", "float | None", "float | None"], "str | None"]
 
 
@@ -54,6 +72,10 @@ class Family:
             text whose embeddings the call needs, or None; raises `ValueError` for a negative prompt the pipeline
             refuses (its message follows "<family> ").
         max_reference_images (`int`): most reference images a call takes (0: none).
+        default_max_sequence_length (`int`): the text tokens a request gets when it names none (the pipeline
+            `__call__`'s default).
+        max_sequence_length_limit (`int`): the most text tokens a request may ask for.
+        media (`str`): what the pipeline makes: `"image"`, or `"video"` (frames: `WanPipeline`).
     """
 
     name: str
@@ -64,6 +86,9 @@ class Family:
     tiny_model: str
     negative_prompt: NegativePromptRule = _flux1_negative
     max_reference_images: int = 0
+    default_max_sequence_length: int = 512
+    max_sequence_length_limit: int = 512
+    media: str = "image"
 
     @property
     def pipeline(self) -> str:
@@ -100,6 +125,49 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
         tiny_model="promptcast.tiny_models.flux2_klein:build",
         negative_prompt=_flux2_klein_negative,
         max_reference_images=10,
+    ),
+    Family(
+        name="sd3",
+        pipelines=("StableDiffusion3Pipeline",),
+        text_components=("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                         "tokenizer_3"),
+        # prompt_embeds: both CLIPs' 77 penultimate states (zero-padded to T5's width) then T5's tokens.
+        embedding_widths={"prompt_embeds": "joint_attention_dim", "pooled_prompt_embeds": "pooled_projection_dim"},
+        encoder="encoder_server.families.sd3:StableDiffusion3Encoder",
+        tiny_model="promptcast.tiny_models.sd3:build",
+        negative_prompt=_guidance_above(1.0, default=7.0),
+        default_max_sequence_length=256,
+        max_sequence_length_limit=512,
+    ),
+    Family(
+        name="qwen-image",
+        pipelines=("QwenImagePipeline",),
+        text_components=("text_encoder", "tokenizer"),
+        embedding_widths={"prompt_embeds": "joint_attention_dim"},
+        encoder="encoder_server.families.qwen_image:QwenImageEncoder",
+        tiny_model="promptcast.tiny_models.qwen_image:build",
+        negative_prompt=_qwen_image_negative,
+        default_max_sequence_length=512,
+        max_sequence_length_limit=1024,
+    ),
+    Family(
+        name="z-image",
+        pipelines=("ZImagePipeline",),
+        text_components=("text_encoder", "tokenizer"),
+        embedding_widths={"prompt_embeds": "cap_feat_dim"},
+        encoder="encoder_server.families.z_image:ZImageEncoder",
+        tiny_model="promptcast.tiny_models.z_image:build",
+        negative_prompt=_guidance_above(0.0, default=5.0),
+    ),
+    Family(
+        name="wan",
+        pipelines=("WanPipeline",),
+        text_components=("text_encoder", "tokenizer"),
+        embedding_widths={"prompt_embeds": "text_dim"},
+        encoder="encoder_server.families.wan:WanEncoder",
+        tiny_model="promptcast.tiny_models.wan:build",
+        negative_prompt=_guidance_above(1.0, default=5.0),
+        media="video",
     ),
 )}
 

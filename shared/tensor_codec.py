@@ -4,6 +4,8 @@ The sender describes each tensor with a `TensorSpec` and streams its bytes in ch
 `CHUNK_BYTES`. The receiver validates every spec *before* allocating (a header that claims a size
 its shape and dtype do not give is rejected), preallocates one tensor per output for the whole
 request, writes each chunk straight into it and checks the CRC when a prompt's bytes are complete.
+A variable-length output (its spec says so) has each prompt's own shape: the receiver allocates it per
+prompt and returns a list, which `shared.collate` batches as the output's layout says.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
@@ -33,6 +35,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 CACHE_STATUS = {"miss": pb.CACHE_STATUS_MISS, "memory": pb.CACHE_STATUS_MEMORY, "disk": pb.CACHE_STATUS_DISK,
                 "redis": pb.CACHE_STATUS_REDIS}
 CACHE_STATUS_NAMES = {value: name for name, value in CACHE_STATUS.items()} | {pb.CACHE_STATUS_UNSPECIFIED: "unknown"}
+# `shared.collate` layouts on the wire.
+COLLATE = {"stack": pb.COLLATE_STACK, "pad": pb.COLLATE_PAD, "list": pb.COLLATE_LIST}
+COLLATE_NAMES = {value: name for name, value in COLLATE.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("promptcast's wire format is little-endian; this host is big-endian")
@@ -51,7 +56,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.detach().contiguous()
     if tensor.device.type != "cpu":
         raise ValueError("tensor_bytes needs a CPU tensor")
-    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    # Flat first: a memoryview of an empty multi-dimensional array (a zero-length prompt) cannot be cast.
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy()).cast("B")
 
 
 def iter_chunks(buffers: Sequence[memoryview], chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
@@ -81,12 +87,14 @@ def chunk_message(piece: memoryview) -> bytes:
 
 
 def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor], server_seconds: float = 0.0,
-                   chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
+                   chunk_bytes: int = CHUNK_BYTES, variable: Collection[str] = ()) -> list[bytes]:
     """One prompt's messages, serialized: its header, then its bytes in chunks. CRC32 and zlib release the GIL, so the
-    server packs prompts on worker threads in parallel and its event loop only hands the bytes to gRPC."""
+    server packs prompts on worker threads in parallel and its event loop only hands the bytes to gRPC. `variable`
+    names the variable-length outputs, whose specs say so."""
     buffers = {name: tensor_bytes(t) for name, t in tensors.items()}
     specs = [pb.TensorSpec(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
-                           byte_length=buffers[name].nbytes, checksum=checksum(buffers[name]))
+                           byte_length=buffers[name].nbytes, checksum=checksum(buffers[name]),
+                           variable_length=name in variable)
              for name, t in tensors.items()]
     header = pb.EncodeResponse(header=pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status,
                                                          tensors=specs, server_seconds=server_seconds))
@@ -94,9 +102,10 @@ def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.T
 
 
 def encode_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor],
-                     server_seconds: float = 0.0, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.EncodeResponse]:
+                     server_seconds: float = 0.0, chunk_bytes: int = CHUNK_BYTES, variable: Collection[str] = ()
+                     ) -> Iterator[pb.EncodeResponse]:
     """The messages for one prompt as protobuf objects (what `pack_embedding` serializes)."""
-    for message in pack_embedding(index, key, status, tensors, server_seconds, chunk_bytes):
+    for message in pack_embedding(index, key, status, tensors, server_seconds, chunk_bytes, variable):
         yield pb.EncodeResponse.FromString(message)
 
 
@@ -133,18 +142,25 @@ def validate_spec(spec: pb.TensorSpec, max_bytes: int = MAX_TENSOR_BYTES) -> tor
     return dtype
 
 
+def _signature(dtype: str, shape, variable: bool) -> tuple:
+    """What two prompts' specs of one output must share: a variable-length one's first axis may differ."""
+    return dtype, tuple(shape[1:]) if variable else tuple(shape), variable
+
+
 class EmbeddingAssembler:
     """Reassembles an `Encode` stream into one preallocated tensor per output.
 
-    Feed it every `EncodeResponse` in order; `result()` returns `{name: tensor (B, *shape)}`.
-    Chunks are copied once, from the message straight into their final place.
+    Feed it every `EncodeResponse` in order; `result()` returns `{name: tensor (B, *shape)}`, and for a
+    variable-length output `{name: [B tensors, each of its prompt's shape]}`. Chunks are copied once, from the
+    message straight into their final place.
     """
 
     def __init__(self, num_prompts: int, max_bytes: int = MAX_TENSOR_BYTES):
         self.num_prompts = num_prompts
         self.max_bytes = max_bytes
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor | list[torch.Tensor | None]] = {}
         self.headers: list[pb.EmbeddingHeader | None] = [None] * num_prompts
+        self._first: dict[str, tuple[str, tuple[int, ...], bool]] = {}  # name -> the first prompt's dtype, shape, flag
         self._targets: list[tuple[pb.TensorSpec, memoryview]] = []
         self._target = 0
         self._offset = 0
@@ -167,18 +183,24 @@ class EmbeddingAssembler:
         self._finish_current()
         if header.index >= self.num_prompts or self.headers[header.index] is not None:
             raise PayloadError(f"unexpected header for prompt index {header.index}")
-        if not self.tensors:
+        dtypes = {spec.name: validate_spec(spec, self.max_bytes) for spec in header.tensors}
+        if not self._first:
+            self._first = {s.name: (s.dtype, tuple(s.shape), s.variable_length) for s in header.tensors}
             for spec in header.tensors:
-                dtype = validate_spec(spec, self.max_bytes)
-                self.tensors[spec.name] = torch.empty((self.num_prompts, *spec.shape), dtype=dtype)
-        for spec in header.tensors:
-            validate_spec(spec, self.max_bytes)
-        # Same tensors as the first prompt's, in any order (each spec says which bytes follow).
-        if sorted((s.name, s.dtype, list(s.shape)) for s in header.tensors) != sorted(
-            (name, DTYPE_NAMES[t.dtype], list(t.shape[1:])) for name, t in self.tensors.items()
+                if not spec.variable_length:
+                    self.tensors[spec.name] = torch.empty((self.num_prompts, *spec.shape), dtype=dtypes[spec.name])
+                else:
+                    self.tensors[spec.name] = [None] * self.num_prompts
+        # Same tensors as the first prompt's, in any order (each spec says which bytes follow); a variable-length one
+        # may differ from it on its first axis only.
+        if sorted((s.name, _signature(s.dtype, s.shape, s.variable_length)) for s in header.tensors) != sorted(
+            (name, _signature(*first)) for name, first in self._first.items()
         ):
             raise PayloadError(f"prompt {header.index}: tensor specs differ from the first prompt's")
         self._current = header
+        for spec in header.tensors:
+            if spec.variable_length:  # this prompt's own tensor, allocated now that its size is checked
+                self.tensors[spec.name][header.index] = torch.empty(tuple(spec.shape), dtype=dtypes[spec.name])
         self._targets = [(spec, tensor_bytes(self.tensors[spec.name][header.index])) for spec in header.tensors]
         self._target, self._offset = 0, 0
         self._skip_empty_targets()
@@ -212,7 +234,7 @@ class EmbeddingAssembler:
             self.headers[self._current.index] = self._current
             self._current = None
 
-    def result(self) -> dict[str, torch.Tensor]:
+    def result(self) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         self._finish_current()
         missing = [i for i, h in enumerate(self.headers) if h is None]
         if missing:

@@ -1,5 +1,5 @@
 """The house's structure, measured: which package may import which, no import cycles (function-level imports
-included), no product file over 400 lines, and a `promptcast --help` that loads neither torch nor grpc."""
+included), no product file over 400 lines, and a `promptcast --help` that loads neither torch nor grpc (nor Gradio)."""
 
 from __future__ import annotations
 
@@ -94,9 +94,9 @@ def test_no_product_file_is_over_400_lines():
 def test_help_loads_neither_torch_nor_grpc():
     probe = ("import sys\nfrom promptcast.cli import app\n"
              "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
-             "heavy = sorted(m for m in ('torch', 'grpc', 'diffusers', 'transformers') if m in sys.modules)\n"
+             "heavy = sorted(m for m in ('torch', 'grpc', 'diffusers', 'transformers', 'gradio') if m in sys.modules)\n"
              "print('HEAVY', heavy)\n")
-    for args in ([], ["generate"], ["serve"], ["cache", "stats"]):
+    for args in ([], ["generate"], ["serve"], ["ui"], ["cache", "stats"]):
         code = probe.replace("['--help']", repr([*args, "--help"]))
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert "HEAVY []" in result.stdout, (args, result.stdout[-500:], result.stderr[-2000:])

@@ -1,4 +1,4 @@
-"""Tiny offline FLUX folders: they load with plain diffusers, generate, encode prompts, and build reproducibly."""
+"""Tiny offline model folders: they load with plain diffusers, generate, encode prompts, and build reproducibly."""
 
 import hashlib
 import json
@@ -17,7 +17,12 @@ PIPELINES = {
     "flux1": diffusers.FluxPipeline,
     "flux2": diffusers.Flux2Pipeline,
     "flux2-klein": diffusers.Flux2KleinPipeline,
+    "sd3": diffusers.StableDiffusion3Pipeline,
+    "qwen-image": diffusers.QwenImagePipeline,
+    "z-image": diffusers.ZImagePipeline,
+    "wan": diffusers.WanPipeline,
 }
+FLUX = ("flux1", "flux2", "flux2-klein")
 PROMPTS = [
     "a photo of a cat sitting on a wooden table",
     "",
@@ -46,10 +51,18 @@ def pipes(model_dirs):
     return {family: PIPELINES[family].from_pretrained(path) for family, path in model_dirs.items()}
 
 
+def test_every_family_has_a_tiny_model():
+    assert set(PIPELINES) == set(FAMILIES)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generates_an_image(pipes, family):
     pipe = pipes[family]
     kwargs = dict(prompt="a red fox", height=32, width=32, num_inference_steps=2, max_sequence_length=MAX_LEN)
+    if FAMILIES[family].media == "video":
+        frames = pipe(**kwargs, num_frames=5, generator=torch.Generator().manual_seed(0), output_type="np").frames
+        assert frames.shape == (1, 5, 32, 32, 3) and np.isfinite(frames).all()
+        return
     image = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (32, 32)
     array = pipe(**kwargs, generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -59,6 +72,41 @@ def test_generates_an_image(pipes, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_text_encoders_fit_the_transformer(pipes, family):
+    """Each output's width, as the family record names it, is the transformer config value the handshake checks."""
+    pipe = pipes[family]
+    with torch.no_grad():
+        if family == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt("a cat", None, None, do_classifier_free_guidance=False)
+            outputs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        elif family in FLUX:
+            out = pipe.encode_prompt("a cat", max_sequence_length=MAX_LEN)
+            outputs = {"prompt_embeds": out[0], **({"pooled_prompt_embeds": out[1]} if family == "flux1" else {})}
+        elif family == "z-image":
+            outputs = {"prompt_embeds": pipe.encode_prompt(["a cat"], do_classifier_free_guidance=False)[0][0]}
+        elif family == "wan":
+            outputs = {"prompt_embeds": pipe.encode_prompt("a cat", do_classifier_free_guidance=False)[0]}
+        else:
+            outputs = {"prompt_embeds": pipe.encode_prompt("a cat")[0]}
+    assert set(outputs) == set(FAMILIES[family].embedding_widths)
+    for name, key in FAMILIES[family].embedding_widths.items():
+        assert outputs[name].shape[-1] == pipe.transformer.config[key], name
+        assert torch.isfinite(outputs[name]).all()
+
+
+def test_qwen_image_tokenizer_drops_exactly_the_system_turn(pipes):
+    """QwenImagePipeline drops its template's first 34 tokens: with the real vocabulary, the system turn and the user
+    turn's opening. The tiny vocabulary tokenizes that prefix into as many tokens."""
+    pipe = pipes["qwen-image"]
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    ids = pipe.tokenizer(prefix).input_ids
+    assert len(ids) == pipe.prompt_template_encode_start_idx == 34
+    assert pipe.tokenizer.convert_ids_to_tokens(ids[-3:]) == ["<|im_start|>", "user", "Ċ"]
+    assert "<|vision_start|>" in pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a cat"}]}], tokenize=False)
+
+
+@pytest.mark.parametrize("family", FLUX)
 def test_encode_prompt_handles_awkward_prompts(pipes, family):
     pipe = pipes[family]
     out = pipe.encode_prompt(PROMPTS, max_sequence_length=MAX_LEN)
@@ -73,7 +121,7 @@ def test_encode_prompt_handles_awkward_prompts(pipes, family):
         assert torch.isfinite(pooled).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FLUX)
 def test_default_sequence_length_is_512(pipes, family):
     embeds = pipes[family].encode_prompt("a cat")[0]
     assert embeds.shape[:2] == (1, 512)

@@ -8,23 +8,36 @@ from typing import ClassVar
 
 import torch
 
-from shared.sources import ModelSource
 from shared.cache_keys import model_fingerprint
+from shared.collate import STACK, Layout
 from shared.families import FAMILIES
+from shared.sources import ModelSource
 from shared.tensor_codec import DTYPE_NAMES
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """One tensor an encoder returns: its diffusers argument name, dtype and per-prompt shape."""
+    """One tensor an encoder returns: its diffusers argument name, dtype and per-prompt shape.
+
+    `per_token`: `shape[0]` is `fixed_tokens + max_sequence_length` (SD3 puts 77 CLIP tokens before T5's). `layout`:
+    how a client batches the prompts' tensors; anything but `stack` means a variable-length output, whose first axis
+    is each prompt's own token count, at most `shape[0]` (`Encoder.encode` returns such an output as a list).
+    """
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    per_token: bool = False  # shape[0] is max_sequence_length
+    per_token: bool = False
+    fixed_tokens: int = 0
+    layout: Layout = Layout()
+
+    @property
+    def variable_length(self) -> bool:
+        return self.layout.collate != STACK
 
     def at_length(self, max_sequence_length: int) -> tuple[int, ...]:
-        return (max_sequence_length, *self.shape[1:]) if self.per_token else self.shape
+        """The per-prompt shape at `max_sequence_length` (for a variable-length output: the largest)."""
+        return (self.fixed_tokens + max_sequence_length, *self.shape[1:]) if self.per_token else self.shape
 
 
 class Encoder(ABC):
@@ -38,8 +51,9 @@ class Encoder(ABC):
                  compile: bool = False, quantize: str | None = None, cuda_graphs: bool = False):
         self.name, self.source, self.device, self.dtype = name, source, device, dtype
         self.compile, self.quantize, self.cuda_graphs = compile, quantize, cuda_graphs
-        self.default_max_sequence_length = 512
-        self.max_sequence_length_limit = 512
+        record = FAMILIES[self.family]
+        self.default_max_sequence_length = record.default_max_sequence_length
+        self.max_sequence_length_limit = record.max_sequence_length_limit
 
     @property
     @abstractmethod
@@ -48,8 +62,10 @@ class Encoder(ABC):
 
     @abstractmethod
     def encode(self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int
-               ) -> dict[str, torch.Tensor]:
-        """Encode a batch; returns `{diffusers argument name: (B, ...) tensor}` on any device."""
+               ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Encode a batch; returns `{diffusers argument name: (B, ...) tensor}` on any device, or for a
+        variable-length output a list of B tensors, each of its prompt's own length and independent of the other
+        prompts of the batch (the cache and the batcher depend on that)."""
 
     def prepare_module(self, module: torch.nn.Module, *, quantize: bool = True) -> torch.nn.Module:
         """Every family passes each loaded text encoder through here (may be on the CPU or the device): it is

@@ -1,10 +1,12 @@
-"""What the FLUX.2 families share: a text encoder cut after the last layer the pipeline reads, and its tokenizer.
+"""Text encoders loaded only as far as the pipeline reads them, and their tokenizers.
 
 `Flux2Pipeline` and `Flux2KleinPipeline` run their whole causal LM with `output_hidden_states=True` and keep three
 hidden states: (10, 20, 30) of Mistral Small 3.1's 40 layers, (9, 18, 27) of Qwen3's 36. The layers after the last
 one, the final norm and the lm_head (a vocabulary-wide projection of every token) are computed and thrown away, and
 Mistral3's vision tower is loaded but never run for text-only prompts. Here the bare decoder is built with
 `num_hidden_layers = max(layers)` and only the checkpoint tensors it holds are read: the rest stays on disk.
+`load_text_model` does the loading for every family that reads a bare decoder (Qwen-Image's Qwen2.5-VL language
+model, Z-Image's Qwen3).
 """
 
 from __future__ import annotations
@@ -75,32 +77,49 @@ class TruncatedTextEncoder(nn.Module):
         `key_mapping` (regex -> replacement) maps the checkpoint's names to the bare decoder's, where transformers'
         own prefix handling does not (Mistral3's `language_model.model.`).
         """
-        from transformers import AutoConfig, AutoModel
+        return cls(load_text_model(source, max(layers), dtype=dtype, device=device, key_mapping=key_mapping,
+                                   reads=f"hidden states {layers}"), layers)
 
-        kwargs = {"revision": source.revision} if source.revision else {}
-        text_config = copy.deepcopy(
-            AutoConfig.from_pretrained(source.pretrained, subfolder="text_encoder", **kwargs).get_text_config())
-        num_layers, full_layers = max(layers), text_config.num_hidden_layers
-        if num_layers > full_layers:
-            raise SourceError(f"{source.source!r}'s text encoder has {full_layers} layers; the pipeline reads hidden "
-                              f"states {layers}")
-        text_config.num_hidden_layers = num_layers
-        if getattr(text_config, "layer_types", None):
-            text_config.layer_types = text_config.layer_types[:num_layers]
-        # transformers opens the shards lazily and reads only the tensors the model holds; its load report would list
-        # every other one (later layers, lm_head, vision tower) as UNEXPECTED, which here is the point, not a problem.
-        with _without_load_report():
-            text_model, info = AutoModel.from_pretrained(
-                source.pretrained, subfolder="text_encoder", config=text_config, dtype=dtype,
-                device_map={"": device}, key_mapping=key_mapping, output_loading_info=True, **kwargs)
-        if info["missing_keys"] or info["mismatched_keys"]:
-            broken = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
-            raise SourceError(f"{source.source!r}'s text encoder checkpoint does not hold the weights of "
-                              f"{type(text_model).__name__} (missing or mismatched: {', '.join(broken[:5])}, ...)")
-        logger.info("%s: loaded %d of %d decoder layers of %s (hidden states %s); %d checkpoint tensors left on disk",
-                    source.source, num_layers, full_layers, type(text_model).__name__, layers,
-                    len(info["unexpected_keys"]))
-        return cls(text_model.eval(), layers)
+
+def text_config(source: ModelSource):
+    """The language model's config in `source`'s `text_encoder` folder (the text half of a vision-language one)."""
+    from transformers import AutoConfig
+
+    kwargs = {"revision": source.revision} if source.revision else {}
+    return copy.deepcopy(
+        AutoConfig.from_pretrained(source.pretrained, subfolder="text_encoder", **kwargs).get_text_config())
+
+
+def load_text_model(source: ModelSource, num_layers: int | None = None, *, dtype: torch.dtype, device: torch.device,
+                    key_mapping: dict[str, str] | None = None, reads: str = "its output") -> nn.Module:
+    """The bare decoder (`MistralModel`, `Qwen3Model`, `Qwen2_5_VLTextModel`...) of `source`'s `text_encoder` folder
+    with its first `num_layers` layers (None: all), reading only the checkpoint tensors it holds: no later layer, no
+    lm_head, no vision tower. `reads` says what the pipeline reads, for the log and errors."""
+    from transformers import AutoModel
+
+    kwargs = {"revision": source.revision} if source.revision else {}
+    config = text_config(source)
+    full_layers = config.num_hidden_layers
+    num_layers = full_layers if num_layers is None else num_layers
+    if num_layers > full_layers:
+        raise SourceError(f"{source.source!r}'s text encoder has {full_layers} layers; the pipeline reads {reads}")
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    # transformers opens the shards lazily and reads only the tensors the model holds; its load report would list
+    # every other one (later layers, lm_head, vision tower) as UNEXPECTED, which here is the point, not a problem.
+    with _without_load_report():
+        text_model, info = AutoModel.from_pretrained(
+            source.pretrained, subfolder="text_encoder", config=config, dtype=dtype,
+            device_map={"": device}, key_mapping=key_mapping, output_loading_info=True, **kwargs)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        broken = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+        raise SourceError(f"{source.source!r}'s text encoder checkpoint does not hold the weights of "
+                          f"{type(text_model).__name__} (missing or mismatched: {', '.join(broken[:5])}, ...)")
+    logger.info("%s: loaded %d of %d decoder layers of %s (the pipeline reads %s); %d checkpoint tensors left on disk",
+                source.source, num_layers, full_layers, type(text_model).__name__, reads,
+                len(info["unexpected_keys"]))
+    return text_model.eval()
 
 
 class StackedHiddenStatesEncoder(Encoder):

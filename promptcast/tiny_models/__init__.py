@@ -67,17 +67,19 @@ def make_tiny_model(
     Write a complete, small diffusers folder for a model family, fully offline.
 
     Every component is the class the diffusers pipeline loads (for example `FluxTransformer2DModel`,
-    `T5EncoderModel`, `Mistral3ForConditionalGeneration`, `Qwen3ForCausalLM`) with a tiny config and seeded random
-    weights; tokenizers are trained here on an embedded English corpus. The result loads with the pipeline's plain
-    `from_pretrained` and produces (noise) images in well under a second on a CPU.
+    `T5EncoderModel`, `Mistral3ForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`, `UMT5EncoderModel`)
+    with a tiny config and seeded random weights; tokenizers are trained here on an embedded English corpus. The
+    result loads with the pipeline's plain `from_pretrained` and produces (noise) images, or for `wan` video frames,
+    in well under a second on a CPU.
 
     Args:
         path (`str` or `os.PathLike`):
             The folder to write. It is built in a hidden sibling folder and renamed into place, so a crash never
             leaves a half-written model here.
         family (`str`, *optional*, defaults to `"flux1"`):
-            A name of `shared.families.FAMILIES`, e.g. `"flux1"` (`FluxPipeline`), `"flux2"` (`Flux2Pipeline`) or
-            `"flux2-klein"` (`Flux2KleinPipeline`).
+            A name of `shared.families.FAMILIES`: `"flux1"` (`FluxPipeline`), `"flux2"` (`Flux2Pipeline`),
+            `"flux2-klein"` (`Flux2KleinPipeline`), `"sd3"` (`StableDiffusion3Pipeline`), `"qwen-image"`
+            (`QwenImagePipeline`), `"z-image"` (`ZImagePipeline`) or `"wan"` (`WanPipeline`).
         seed (`int`, *optional*, defaults to 0):
             Seed of the random weights. The same seed writes the same bytes.
         overwrite (`bool`, *optional*, defaults to `False`):

@@ -102,6 +102,28 @@ _QWEN3_CHAT_TEMPLATE = (
     "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}"
 )
+# Same shape as Qwen2.5-VL's template: a default system message, and image or video blocks as vision placeholders.
+_QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2.5-VL's special tokens, in its id order (151643...).
+QWEN2_5_VL_SPECIALS = (
+    "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> <|box_end|> "
+    "<|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|>"
+).split()
 # tekken's first control tokens, in tekken's id order ([IMG] = 10 is Mistral3's image_token_index).
 _MISTRAL_SPECIALS = (
     "<unk> <s> </s> [INST] [/INST] [AVAILABLE_TOOLS] [/AVAILABLE_TOOLS] [TOOL_RESULTS] [/TOOL_RESULTS] [TOOL_CALLS] "
@@ -167,9 +189,11 @@ def _words(normalizer, pre_tokenizer, lines: Iterable[str]) -> Counter:
     return words
 
 
-def _byte_level_bpe(num_merges: int, specials: list[str], specials_first: bool):
-    """Vocab and merges of a GPT-2 style byte-level BPE (the kind Qwen2 and Mistral's tekken use)."""
-    merges, _ = _learn_bpe(_words(normalizers.NFC(), _byte_level_pre_tokenizer(), _CORPUS.splitlines()), num_merges)
+def _byte_level_bpe(num_merges: int, specials: list[str], specials_first: bool, extra_lines: Iterable[str] = ()):
+    """Vocab and merges of a GPT-2 style byte-level BPE (the kind Qwen2 and Mistral's tekken use); `extra_lines` are
+    learned besides the corpus (a pipeline's fixed template, so its words are single tokens as in the real vocab)."""
+    lines = [*_CORPUS.splitlines(), *extra_lines]
+    merges, _ = _learn_bpe(_words(normalizers.NFC(), _byte_level_pre_tokenizer(), lines), num_merges)
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + [a + b for a, b in merges]
     tokens = specials + tokens if specials_first else tokens + specials
     return {t: i for i, t in enumerate(tokens)}, merges
@@ -184,7 +208,7 @@ def _byte_level_pre_tokenizer():
     )
 
 
-def clip_tokenizer():
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     base = CLIPTokenizer()  # empty vocab: used only for CLIP's normalizer and pre-tokenizer
@@ -195,7 +219,7 @@ def clip_tokenizer():
     tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
 def t5_tokenizer():
@@ -242,4 +266,21 @@ def qwen3_tokenizer():
     )
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials[1:]])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    return tok
+
+
+def qwen2_5_vl_tokenizer(template_lines: Iterable[str] = ()):
+    """Qwen2.5-VL's tokenizer: Qwen2's byte-level BPE, its special and vision tokens, its chat template.
+    `template_lines` (a pipeline's fixed prompt template) are learned too, so the template tokenizes into the same
+    number of tokens as with the real vocabulary, where each of its words is one token."""
+    from transformers import Qwen2TokenizerFast
+
+    specials = list(QWEN2_5_VL_SPECIALS)
+    # Every merge the corpus has (about 1100): the template's rarer words ("spatial") need the last of them.
+    vocab, merges = _byte_level_bpe(4000, specials, specials_first=False, extra_lines=template_lines)
+    tok = Qwen2TokenizerFast(
+        vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        model_max_length=131072, chat_template=_QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials[1:]])
     return tok

@@ -1,6 +1,7 @@
 """One FLUX.1-dev-shaped image through the real CLI on CUDA: the real transformer (19 + 38 blocks, 3072 wide) and
 VAE with random weights, saved as a diffusers folder, served by a server whose CLIP and T5 have FLUX.1's output
-widths (768, 4096) but one layer each. `--vram-budget 16` makes auto plan a 16 GiB card for a 1024x1024 image."""
+widths (768, 4096) but one layer each. `--vram-budget 16` makes auto plan a 16 GiB card for a 1024x1024 image
+(the command runs through the console script's entry point in this process, as in test_commands_on_cuda)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ServerProcess, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +47,20 @@ def flux1_dev_shaped(tmp_path_factory, tiny_models):
     return root
 
 
-def test_flux1_dev_shaped_generate_plans_a_16_gib_card(flux1_dev_shaped, tmp_path):
-    server = ServerProcess(["--model", f"flux1-dev={flux1_dev_shaped}", "--device", "cuda", "--cache-dir", "none"])
-    try:
-        server.wait_serving(600)
-        out = tmp_path / "fox.png"
-        result = run_cli("generate", "--encoder", server.address, "--model", flux1_dev_shaped, "--prompt",
-                         "a fox at dusk", "--out", out, "--device", "cuda", "--width", "1024", "--height", "1024",
-                         "--steps", "4", "--vram-budget", "16", timeout=900)
-        assert result.returncode == 0, result.stderr
-    finally:
-        server.stop()
+def test_flux1_dev_shaped_generate_plans_a_16_gib_card(flux1_dev_shaped, tmp_path, capsys):
+    from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
+    from promptcast.cli import main
+
+    config = ServerConfig([ModelSpec(str(flux1_dev_shaped), name="flux1-dev")], port=0, device="cuda", cache_dir=None)
+    out = tmp_path / "fox.png"
+    with BackgroundServer(config) as server:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:  # the console script's entry point, in this process
+            main(["generate", "--encoder", server.address, "--model", str(flux1_dev_shaped), "--prompt",
+                  "a fox at dusk", "--out", str(out), "--device", "cuda", "--width", "1024", "--height", "1024",
+                  "--steps", "4", "--vram-budget", "16"])
+        err = capsys.readouterr().err
+    assert exit_.value.code == 0, err
     assert Image.open(out).size == (1024, 1024)
-    assert "vram: memory plan" in result.stderr and "of 16.0 GiB" in result.stderr
-    print(result.stderr.splitlines()[-3:], result.stdout)
+    assert "vram: memory plan" in err and "of 16.0 GiB" in err
+    print(err.splitlines()[-3:])

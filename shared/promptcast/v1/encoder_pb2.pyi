@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Collate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COLLATE_STACK: _ClassVar[Collate]
+    COLLATE_PAD: _ClassVar[Collate]
+    COLLATE_LIST: _ClassVar[Collate]
+
 class CacheStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CACHE_STATUS_UNSPECIFIED: _ClassVar[CacheStatus]
@@ -14,6 +20,9 @@ class CacheStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_STATUS_MEMORY: _ClassVar[CacheStatus]
     CACHE_STATUS_DISK: _ClassVar[CacheStatus]
     CACHE_STATUS_REDIS: _ClassVar[CacheStatus]
+COLLATE_STACK: Collate
+COLLATE_PAD: Collate
+COLLATE_LIST: Collate
 CACHE_STATUS_UNSPECIFIED: CacheStatus
 CACHE_STATUS_MISS: CacheStatus
 CACHE_STATUS_MEMORY: CacheStatus
@@ -25,16 +34,22 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OutputSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "per_token")
+    __slots__ = ("name", "dtype", "shape", "per_token", "fixed_tokens", "collate", "mask_name")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FIXED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COLLATE_FIELD_NUMBER: _ClassVar[int]
+    MASK_NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     per_token: bool
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., per_token: _Optional[bool] = ...) -> None: ...
+    fixed_tokens: int
+    collate: Collate
+    mask_name: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., per_token: _Optional[bool] = ..., fixed_tokens: _Optional[int] = ..., collate: _Optional[_Union[Collate, str]] = ..., mask_name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "family", "source", "fingerprint", "outputs", "default_max_sequence_length", "max_max_sequence_length", "max_prompts_per_call")
@@ -75,18 +90,20 @@ class EncodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., prompts_2: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "byte_length", "checksum")
+    __slots__ = ("name", "dtype", "shape", "byte_length", "checksum", "variable_length")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    VARIABLE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     byte_length: int
     checksum: str
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
+    variable_length: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., checksum: _Optional[str] = ..., variable_length: _Optional[bool] = ...) -> None: ...
 
 class EmbeddingHeader(_message.Message):
     __slots__ = ("index", "cache_key", "cache_status", "tensors", "server_seconds")
