@@ -177,8 +177,15 @@ def test_dockerfiles_build_from_the_repository(dockerfile, base):
     image = re.search(r"^FROM (\S+)", text, re.M).group(1)
     image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
     assert image.startswith(base)
-    assert "pip install ." in text
+    assert re.search(r'pip install "?\.', text)
+    copied = set()
     for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
         for part in source.split():
             assert (REPO / part).exists(), f"{dockerfile} copies {part}, which is not in the repository"
+            copied.add(part)
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    missing = [p.rstrip("*") for p in packages if p.rstrip("*") not in copied]
+    assert missing == [], f"{dockerfile} installs the distribution without {missing}"
     assert entrypoint(dockerfile)[0] == "promptcast"
