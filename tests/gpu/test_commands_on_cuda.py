@@ -13,8 +13,10 @@ from PIL import Image
 
 from conftest import ServerProcess, run_cli
 
-FAMILIES = ("flux1", "flux2", "flux2-klein")
-LENGTH = {"flux1": 32, "flux2": 64, "flux2-klein": 64}  # FLUX.2 puts its system message before the prompt
+# Z-Image (a list output) and Wan (video) need other checks than these; the CPU suite covers them.
+FAMILIES = ("flux1", "flux2", "flux2-klein", "sd3", "qwen-image")
+# FLUX.2 puts its system message before the prompt
+LENGTH = {"flux1": 32, "flux2": 64, "flux2-klein": 64, "sd3": 32, "qwen-image": 32}
 CALL = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "3"]
 
 
