@@ -146,15 +146,16 @@ class HttpGateway:
         prompts, model = _texts(body, "prompt", single=True), _name(body)
         call.describe(model, len(prompts))
         safetensors = _accepts(request.headers.get("accept", ""), SAFETENSORS)
-        encoder = self.service.model(model)
-        variable = [o.name for o in encoder.outputs if o.variable_length]
-        if not safetensors and len(prompts) > 1 and "prompt_embeds" in variable:  # before any encoding
+        # Before any encoding; a server still warming has no models to ask, and `encode` says it is warming.
+        if not safetensors and len(prompts) > 1 and self.service.ready \
+                and "prompt_embeds" in self.service.variable_outputs(model):
+            encoder = self.service.model(model)
             raise InvalidInput(f"model {encoder.name!r} ({encoder.family}) gives each prompt its own length, and the "
                                f"torch.save answer is one tensor: send one prompt a call, or {len(prompts)} with "
                                f"'Accept: {SAFETENSORS}' (or POST /v1/encode)")
         embeddings = await self._unless_gone(request, self.service.encode(model, prompts))
         if safetensors:
-            return await self._safetensors(encoder, embeddings)
+            return await self._safetensors(self.service.model(model), embeddings)
         data = await self._off_loop(_torch_save, _stacked(embeddings, ["prompt_embeds"])["prompt_embeds"])
         return Response(data, media_type=TORCH_SAVE, headers=_cache_headers(embeddings))
 
