@@ -178,3 +178,16 @@ def test_a_job_line_with_frames_for_an_image_model_fails_alone(server, tiny_mode
     assert "failed line 2: StableDiffusion3Pipeline makes images: drop fps" in report
     assert "failed line 3: num_frames=7 must be 4k+1" in report
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_node_refuses_what_its_pipeline_would_ignore_or_round(tiny_models):
+    from denoiser_client.node import DenoiserNode, RenderItem
+
+    qwen = DenoiserNode(load_denoiser(str(tiny_models["qwen-image"]))[0])
+    assert "takes guidance_scale only for guidance-distilled models" in qwen.check(RenderItem("x", guidance=3.0))
+    assert qwen.check(RenderItem("x", true_cfg_scale=4.0, negative_prompt="blurry")) is None
+    wan = DenoiserNode(load_denoiser(str(tiny_models["wan"]))[0])
+    assert wan.check(RenderItem("x", width=48, height=32, num_frames=9)) is None
+    wan.pipe.vae_scale_factor_spatial = 16  # a 16x VAE, as Wan 2.2's 5B model has: 2x2 patches need 32
+    assert wan.check(RenderItem("x", width=48)) == "width=48: WanPipeline with this VAE needs a multiple of 32 (e.g. 32)"
+    assert "num_frames=7: WanPipeline with this VAE takes 4k+1 frames (e.g. 5)" == wan.check(RenderItem("x", num_frames=7))
