@@ -112,7 +112,7 @@ def memory_embedder(encoder, texts):
     out = {}
     for text in texts:
         tensors = encoder.encode([text], None, encoder.default_max_sequence_length)
-        out[text] = {name: t.cpu() for name, t in tensors.items()}
+        out[text] = {name: t[0].cpu() for name, t in tensors.items()}  # one prompt's rows, as the node batches them
     return MemoryEmbedder(out)
 
 

@@ -1,10 +1,11 @@
 """`promptcast batch`: a job file through one denoiser node, resumable after any crash.
 
 Every input line gets its own result line; lines asking for the same image (same parameters) share one file, made
-once. Crash safety: each image goes to a temp file, is fsynced and renamed to its final path, and only then are its
-lines appended (one `write` each, then fsync) to DIR/results.jsonl. A rerun reads the finished lines (a torn last
-line is cut off) and does the rest, so `kill -9` at any moment loses at most the items in progress, never leaves a
-partial image at a final path and never writes a line's result twice.
+once. A video family's lines make MP4 files (with no MP4 encoder installed, a folder of PNG frames each). Crash
+safety: each image goes to a temp file (a video's frames to a temp folder), is fsynced and renamed to its final path,
+and only then are its lines appended (one `write` each, then fsync) to DIR/results.jsonl. A rerun reads the finished
+lines (a torn last line is cut off) and does the rest, so `kill -9` at any moment loses at most the items in progress,
+never leaves a partial image at a final path and never writes a line's result twice.
 
 The node never waits for the encoder: a background thread requests the embeddings of the next `prefetch` items
 while the current ones denoise, and a prompt that appears several times is encoded once. When the encoder server
@@ -18,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -29,7 +31,7 @@ from denoiser_client.errors import (DeadlineExceeded, InvalidArgument, OutOfGpuM
                                     ServerOverloaded, ServerUnavailable)
 from denoiser_client.jobs import JobDefaults, JobItem, check_job_file, read_job_file
 from denoiser_client.lora import order_for_few_switches
-from denoiser_client.pipeline import save_atomically
+from denoiser_client.media import no_mp4_note, save_output
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +130,8 @@ class BatchJob:
         self.images.mkdir(parents=True, exist_ok=True)
         self._lock = _lock(self.out_dir)
         try:
-            for tmp in self.images.glob(".*.tmp"):  # left by a killed run (we hold the lock: nobody else writes)
-                tmp.unlink(missing_ok=True)
+            for tmp in self.images.glob(".*.tmp*"):  # left by a killed run (we hold the lock: nobody else writes)
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             self.results = ResultsFile(self.out_dir)
         except BaseException:
             os.close(self._lock)
@@ -157,7 +159,7 @@ class BatchJob:
         started = time.perf_counter()
         todo = []
         for item in self.render:
-            if item.key in self.results.images and all((self.out_dir / p).is_file()
+            if item.key in self.results.images and all((self.out_dir / p).exists()
                                                        for p in self.results.images[item.key]):
                 self.finish(item, self.results.images[item.key], node.builder)  # the image exists: share it
             else:
@@ -239,7 +241,8 @@ class _Runner:
         node, summary = self.node, self.job.summary
         for attempt in (1, 2):
             try:
-                images = node.render(batch, embeddings, negatives)
+                # The embedder knows how the rows it fetched are batched (a bare pipeline's node has no server model).
+                images = node.render(batch, embeddings, negatives, layouts=getattr(self.embedder, "layouts", None))
                 break
             except OutOfGpuMemory as e:
                 used = node.builder.used(batch[0])
@@ -255,9 +258,13 @@ class _Runner:
                 self.fail(batch, f"denoising failed: {type(e).__name__}: {e}")
                 return True
         for item, image in zip(batch, images):
-            name = _image_name(item)
-            save_atomically(image, self.job.images / name)  # renamed and fsynced before the lines that point at it
-            self.job.finish(item, [f"{IMAGES}/{name}"], node.builder)
+            name = _image_name(item, ".mp4" if node.media == "video" else ".png")
+            # Renamed and fsynced before the lines that point at it.
+            path, note = save_output(image, self.job.images / name, node.media, fps=item.fps)
+            frames_note = no_mp4_note(f"each video's frames are PNG files in {IMAGES}/NAME_frames/")
+            if note and frames_note not in summary.notes:
+                summary.notes.append(frames_note)
+            self.job.finish(item, [f"{IMAGES}/{path.name}"], node.builder)
         return True
 
 
@@ -272,11 +279,11 @@ def _lock(out_dir: Path):
     return fd
 
 
-def _image_name(item: JobItem) -> str:
+def _image_name(item: JobItem, suffix: str = ".png") -> str:
     if item.id is None:
-        return f"{item.key[:16]}.png"
+        return f"{item.key[:16]}{suffix}"
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(item.id))[:64]
-    return f"{safe}-{item.key[:8]}.png"
+    return f"{safe}-{item.key[:8]}{suffix}"
 
 
 def _batches(items: list[JobItem], size: int) -> list[list[JobItem]]:
@@ -298,7 +305,8 @@ def run_batch(job_file: str | os.PathLike, out_dir: str | os.PathLike, *, pipe, 
 
     Args:
         job_file (`str` or `os.PathLike`): JSON lines (DataFlow `conversations` or plain `prompt` objects).
-        out_dir (`str` or `os.PathLike`): images go to `out_dir/images/`, result lines to `out_dir/results.jsonl`.
+        out_dir (`str` or `os.PathLike`): images (a video family: MP4 files, or frame folders) go to
+            `out_dir/images/`, result lines to `out_dir/results.jsonl`.
         pipe ([`DenoiserNode`] or [`~diffusers.DiffusionPipeline`]): a node, or a pipeline from `load_denoiser`.
         embedder ([`RemoteEmbedder`] or [`MemoryEmbedder`]): where embeddings come from.
         defaults ([`JobDefaults`]): the command line's values; a line's own fields win.
@@ -323,14 +331,17 @@ def run_batch_command(encoder, job_file, out_dir, source: str, *, defaults: JobD
     """`promptcast batch`: open the job (file, folder and finished lines checked before any model loads), pick the
     server model, choose the memory plan for the job's largest image, load the denoiser, run."""
     from denoiser_client.embeddings import RemoteEmbedder
-    from denoiser_client.node import DenoiserNode
+    from denoiser_client.node import DenoiserNode, planned_pixels
+    from denoiser_client.pipeline import family_of
+    from shared.families import FAMILIES
 
     job = BatchJob(job_file, out_dir, defaults, options)
     try:
         if not job.render:
             job.summary.notes.append(f"nothing left to do in {out_dir}: every good line has its result")
             return job.summary
-        pixels = max((item.width or 1024) * (item.height or 1024) for item in job.render)
+        media = FAMILIES[family_of(source)].media
+        pixels = max(planned_pixels(item.width, item.height, item.num_frames, media) for item in job.render)
         node = DenoiserNode.load(encoder, source, encoder_model=defaults.encoder_model, device=device, dtype=dtype,
                                  vram=vram, vram_budget=vram_budget, explicit=explicit, pixels=pixels,
                                  images=options.batch_size, max_sequence_length=options.max_sequence_length,

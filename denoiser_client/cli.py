@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from denoiser_client.options import GenerateOptions, check_image_path, check_options, check_readable_files
+from denoiser_client.options import (GenerateOptions, check_options, check_output_path, check_readable_files,
+                                     media_problems)
 
 EncoderOpt = Annotated[str, typer.Option("--encoder", "-e", help="host:port, a comma list, or dns:///name:port.")]
 TokenOpt = Annotated[Optional[str], typer.Option(help="Bearer token (default: $PROMPTCAST_TOKEN).")]
@@ -39,6 +40,10 @@ OffloadOpt = Annotated[Optional[str], typer.Option(help="model, sequential or gr
 VaeTilingOpt = Annotated[bool, typer.Option(help="Decode in tiles (lower peak memory at large sizes).")]
 LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="PATH[:WEIGHT] of a .safetensors LoRA; repeat "
                                                       "to combine several.")]
+NumFramesOpt = Annotated[Optional[int], typer.Option(help="Video families (wan): frames to make, 4k+1 (default: the "
+                                                     "pipeline's, 81).")]
+FpsOpt = Annotated[Optional[int], typer.Option(help="Video families (wan): frames a second of the file written "
+                                               "(default 16).")]
 
 
 @dataclass
@@ -109,13 +114,30 @@ def _echo_err(text: str) -> None:
     typer.echo(text, err=True)
 
 
+def check_media(model: str, options: GenerateOptions, out: Path | None = None) -> str:
+    """The model's family, once its folder (or hub repo) is known to be readable and of a family promptcast
+    denoises; `ValueError` for video options given to an image family, or an output suffix of the wrong media."""
+    from denoiser_client.pipeline import family_of
+    from shared.families import FAMILIES
+
+    family = family_of(model)
+    media = FAMILIES[family].media
+    problems = media_problems(options, family, media)
+    if problems:
+        raise ValueError("; ".join(problems))
+    if out is not None:
+        check_output_path(out, media)
+    return family
+
+
 def generate(
     encoder: EncoderOpt,
     model: Annotated[str, typer.Option("--model", "-m", help="Hub repo id or local diffusers folder (transformer + VAE "
                                        "are loaded; text encoders never).")],
     prompt: Annotated[str, typer.Option(help="The prompt; a JSON object is sent as compact JSON (FLUX.2 "
                                         "structured prompts).")],
-    out: Annotated[Path, typer.Option(help="Image file to write (.png, .jpg, .webp).")],
+    out: Annotated[Path, typer.Option(help="Image file to write (.png, .jpg, .webp); a video family's .mp4 or .gif "
+                                      "(with no MP4 encoder installed, an .mp4's frames go to NAME_frames/ as PNG).")],
     encoder_model: Annotated[Optional[str], typer.Option(help="Model name on the server (default: its only model, "
                                                          "else the one named like --model's last part).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise, 0 to 2**64-1.")] = 0,
@@ -130,21 +152,21 @@ def generate(
                                    ] = None,
     image: Annotated[Optional[list[Path]], typer.Option("--image", help="FLUX.2 reference image; repeat for up "
                                                         "to 10. Encoded by the local VAE.")] = None,
+    num_frames: NumFramesOpt = None, fps: FpsOpt = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", vram: VramOpt = "auto", vram_budget: VramBudgetOpt = None,
     quantize: QuantizeOpt = None, offload: OffloadOpt = None, vae_tiling: VaeTilingOpt = False, lora: LoraOpt = None,
     token: TokenOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
     timeout: TimeoutOpt = 120.0, cache_dir: CacheDirOpt = None,
 ):
-    """Generate one image on this node with embeddings from the encoder server."""
+    """Generate one image (a video family: one video) on this node with embeddings from the encoder server."""
     options = check_options(GenerateOptions(seed, steps, guidance, width, height, negative_prompt, true_cfg_scale,
-                                            max_sequence_length, tuple(map(str, image or ()))))
-    check_image_path(out)
+                                            max_sequence_length, tuple(map(str, image or ())), num_frames, fps))
+    check_output_path(out, "video" if out.suffix.lower() in (".mp4", ".gif") else "image")
     check_readable_files(options.reference_images, "--image")
     setup = check_node_options(device, dtype, vram, vram_budget, quantize, offload, vae_tiling, lora)
     from denoiser_client.generate import generate as run
-    from denoiser_client.pipeline import family_of
 
-    family_of(model)  # the model folder (or hub repo) is readable and of a family promptcast denoises
+    check_media(model, options, out)
 
     with _client(encoder, token, tls_ca, timeout, tls_cert=tls_cert, tls_key=tls_key, cache_dir=cache_dir) as client:
         path, t = run(client, model, prompt, out, encoder_model=encoder_model, options=options, device=setup.device,
@@ -166,9 +188,11 @@ def batch(
     height: Annotated[Optional[int], typer.Option(help="Default height, a positive multiple of 16.")] = None,
     seed: Annotated[int, typer.Option(help="Default seed.")] = 0,
     negative_prompt: Annotated[Optional[str], typer.Option(help="Default negative prompt.")] = None,
-    true_cfg_scale: Annotated[Optional[float], typer.Option(help="Default true CFG scale (FLUX.1).")] = None,
+    true_cfg_scale: Annotated[Optional[float], typer.Option(help="Default true CFG scale (FLUX.1, Qwen-Image).")
+                              ] = None,
     max_sequence_length: Annotated[Optional[int], typer.Option(help="Text tokens (default: the server model's).")
                                    ] = None,
+    num_frames: NumFramesOpt = None, fps: FpsOpt = None,
     batch_size: Annotated[int, typer.Option(help="Items with the same parameters denoised in one call (1-32).")] = 1,
     prefetch: Annotated[int, typer.Option(help="Items whose embeddings are requested ahead of the denoiser.")] = 4,
     shard: Annotated[Optional[str], typer.Option(help="I/N: this node takes every N-th line starting at I.")] = None,
@@ -179,24 +203,24 @@ def batch(
     token: TokenOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
     timeout: TimeoutOpt = 120.0, cache_dir: CacheDirOpt = None,
 ):
-    """Run a job file on this node: resumable, prefetched, sharded; exit code 1 if any line failed."""
+    """Run a job file on this node (a video family: one MP4 a line): resumable, prefetched, sharded; exit code 1 if
+    any line failed."""
     from denoiser_client.batch import BatchOptions, run_batch_command
     from denoiser_client.jobs import JobDefaults, check_job_file, parse_shard
 
-    check_options(GenerateOptions(seed, steps, guidance, width, height, negative_prompt, true_cfg_scale,
-                                  max_sequence_length))
+    options = check_options(GenerateOptions(seed, steps, guidance, width, height, negative_prompt, true_cfg_scale,
+                                            max_sequence_length, num_frames=num_frames, fps=fps))
     check_job_file(input)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {str(out_dir)!r} is a file: pass a folder (it is created if missing)")
     if not 1 <= batch_size <= 32:
         raise ValueError(f"--batch-size {batch_size} must be from 1 to 32")
     setup = check_node_options(device, dtype, vram, vram_budget, quantize, offload, vae_tiling, lora)
-    from denoiser_client.pipeline import family_of
-
-    family_of(model)
+    check_media(model, options)
     defaults = JobDefaults(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, loras=setup.loras,
-                           model=model, encoder_model=encoder_model, max_sequence_length=max_sequence_length)
+                           model=model, encoder_model=encoder_model, max_sequence_length=max_sequence_length,
+                           num_frames=num_frames, fps=fps)
     options = BatchOptions(batch_size=batch_size, prefetch=max(0, prefetch), strict=strict, shard=parse_shard(shard),
                            max_sequence_length=max_sequence_length)
     with _client(encoder, token, tls_ca, timeout, tls_cert=tls_cert, tls_key=tls_key, cache_dir=cache_dir) as client:

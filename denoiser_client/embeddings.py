@@ -6,34 +6,43 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from shared.collate import rows_of
+
 
 class RemoteEmbedder:
-    """Embeddings from an encoder server: `encode(texts)` -> one `{name: (1, ...) tensor}` dict per text."""
+    """Embeddings from an encoder server: `encode(texts)` -> one `{name: tensor}` dict per text, each tensor that
+    text's own (no batch axis; a variable-length one at the text's own length), as the server sends it. Whoever
+    builds a call batches them with `shared.collate.collate` and `info.layouts`."""
 
     def __init__(self, encoder, model: str, max_sequence_length: int | None = None, timings=None):
         self.encoder, self.model, self.max_sequence_length = encoder, model, max_sequence_length
         self.timings = timings  # a `pipeline.Timings` to add each call's server and transfer time to
         self.server_hits = 0
         self.server_seconds = 0.0  # the server's side of the calls (queue + encode, or cache lookups)
+        self.layouts = None  # how the model's rows are batched (`ModelInfo.layouts`), known after the first call
 
     def encode(self, texts: list[str]) -> list[dict]:
         started = time.perf_counter()
         tensors, info = self.encoder.encode(texts, self.model, max_sequence_length=self.max_sequence_length,
-                                            with_info=True)
+                                            with_info=True, collated=False)
         if self.timings is not None:
             self.timings.add_encode(info, time.perf_counter() - started)
         self.server_hits += sum(status not in ("miss", "unknown") for status in info.cache_status)
         self.server_seconds += info.server_seconds
-        return [{name: t[i:i + 1] for name, t in tensors.items()} for i in range(len(texts))]
+        if self.layouts is None:  # asked once the server has answered (ListModels, kept by the client)
+            self.layouts = self.encoder.model_info(self.model).layouts
+        return rows_of(tensors)
 
 
 class MemoryEmbedder:
-    """Precomputed embeddings held in memory (benchmarks: the same denoising with no encoder in the loop)."""
+    """Precomputed embeddings held in memory (benchmarks: the same denoising with no encoder in the loop), one
+    `{name: tensor}` dict per text as `RemoteEmbedder` gives them."""
 
     server_hits = 0
 
-    def __init__(self, embeddings: dict[str, dict]):
+    def __init__(self, embeddings: dict[str, dict], layouts: dict | None = None):
         self.embeddings = embeddings
+        self.layouts = layouts or {}  # every output stacked unless told otherwise
 
     def encode(self, texts: list[str]) -> list[dict]:
         return [self.embeddings[t] for t in texts]

@@ -1,27 +1,36 @@
-"""One image on a denoiser node: a job of one item, rendered by the same `DenoiserNode` as `promptcast batch`."""
+"""One image (or video) on a denoiser node: a job of one item, rendered by the same `DenoiserNode` as `promptcast
+batch`."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from denoiser_client.embeddings import RemoteEmbedder
 from denoiser_client.errors import InvalidArgument
-from denoiser_client.node import DenoiserNode, RenderItem
-from denoiser_client.options import GenerateOptions, check_image_path, check_options
-from denoiser_client.pipeline import Timings, pick_encoder_model, save_atomically
+from denoiser_client.media import save_output
+from denoiser_client.node import DenoiserNode, RenderItem, planned_pixels
+from denoiser_client.options import GenerateOptions, check_options, check_output_path, media_problems
+from denoiser_client.pipeline import Timings, family_of, pick_encoder_model
 from denoiser_client.remote import RemoteTextEncoder
 from denoiser_client.vram import VramOptions
+from shared.families import FAMILIES, PIPELINE_FAMILIES
 from shared.prompts import prompt_text
+
+logger = logging.getLogger(__name__)
 
 
 def render_one(node: DenoiserNode, encoder: RemoteTextEncoder, prompt, options: GenerateOptions, *, loras=(),
                progress=None) -> tuple[object, Timings, RenderItem]:
-    """One image from `node` with embeddings from `encoder`: (PIL image, timings, the item as rendered)."""
+    """One image from `node` with embeddings from `encoder`: (PIL image, or a video pipeline's list of frames,
+    timings, the item as rendered). The prompt and the negative its pipeline's CFG needs come in one request, and
+    are batched apart."""
     item = RenderItem(prompt=prompt_text(prompt), seed=options.seed, steps=options.steps, guidance=options.guidance,
                       width=options.width, height=options.height, negative_prompt=options.negative_prompt,
                       true_cfg_scale=options.true_cfg_scale, loras=tuple(loras),
-                      reference_images=tuple(options.reference_images))
+                      reference_images=tuple(options.reference_images), num_frames=options.num_frames,
+                      fps=options.fps)
     problem = node.check(item)
     if problem:
         raise InvalidArgument(problem)
@@ -40,30 +49,40 @@ def generate(encoder: RemoteTextEncoder, source: str, prompt, out: str | os.Path
              dtype=None, pipe=None, progress: bool = True, vram: str | VramOptions = "auto",
              vram_budget: float | None = None, loras=(), echo=None) -> tuple[Path, Timings]:
     r"""
-    Generate one image through the split pipeline and save it atomically.
+    Generate one image (a video family: one video) through the split pipeline and save it atomically.
 
     Args:
         encoder ([`RemoteTextEncoder`]): the encoder server's client.
         source (`str`): hub repo id or local diffusers folder (its transformer and VAE are loaded, text encoders never).
         prompt (`str` or `dict`): the prompt; a JSON object is sent as its compact JSON text (FLUX.2).
-        out (`str` or `os.PathLike`): the image file (PNG, JPEG or WebP by suffix).
-        options ([`GenerateOptions`]): seed, steps, size, guidance, negative prompt, reference images...
+        out (`str` or `os.PathLike`): the image file (PNG, JPEG or WebP by suffix); a video family's MP4 or GIF (with
+            no MP4 encoder installed, an MP4's frames go to `NAME_frames/` as PNG files, and `echo` says so).
+        options ([`GenerateOptions`]): seed, steps, size, guidance, negative prompt, reference images, frames...
         pipe ([`DenoiserNode`] or a pipeline, *optional*): an already loaded denoiser to use.
         vram (`str` or [`VramOptions`], *optional*): `"auto"`, a plan name, or explicit options.
         vram_budget (`float`, *optional*): GiB the plan may use (default: the card's free memory).
         loras (`tuple[LoraRef, ...]`): LoRAs to apply with their weights, checked before any denoising.
-        echo (`callable`, *optional*): where the chosen memory plan is reported.
+        echo (`callable`, *optional*): where the chosen memory plan, and frames written instead of an MP4, are
+            reported (default: the log).
 
     Returns:
-        `(path, timings)`.
+        `(path written, timings)`.
     """
     check_options(options)
-    check_image_path(out)
+    if pipe is None:
+        family = family_of(source)
+    else:
+        family = PIPELINE_FAMILIES[type(pipe.pipe if isinstance(pipe, DenoiserNode) else pipe).__name__]
+    media = FAMILIES[family].media
+    check_output_path(out, media)
+    problems = media_problems(options, family, media)
+    if problems:
+        raise ValueError("; ".join(problems))
     if pipe is None:
         explicit = vram if isinstance(vram, VramOptions) else None
         node = DenoiserNode.load(encoder, source, encoder_model=encoder_model, device=device, dtype=dtype,
                                  vram="auto" if explicit else vram, vram_budget=vram_budget, explicit=explicit,
-                                 pixels=(options.width or 1024) * (options.height or 1024),
+                                 pixels=planned_pixels(options.width, options.height, options.num_frames, media),
                                  max_sequence_length=options.max_sequence_length, echo=echo)
     elif isinstance(pipe, DenoiserNode):
         node = pipe
@@ -75,8 +94,11 @@ def generate(encoder: RemoteTextEncoder, source: str, prompt, out: str | os.Path
         handshake(pipe, node.family, node.info)
     node.pipe.set_progress_bar_config(disable=not progress)
     try:
-        image, timings, _ = render_one(node, encoder, prompt, options, loras=loras)
+        result, timings, item = render_one(node, encoder, prompt, options, loras=loras)
     finally:
         if loras:
             node.adapters.activate(())  # a loaded node goes back to the base model
-    return save_atomically(image, out), timings
+    path, note = save_output(result, out, media, fps=item.fps)
+    if note:
+        (echo or logger.warning)(note)
+    return path, timings

@@ -2,7 +2,8 @@
 
 A line is either DataFlow's `{"conversations": [{"role": "user", "content": "..."}]}` (the text is the last user
 turn) or a plain `{"prompt": ..., "id", "seed", "steps", "guidance", "width", "height", "negative_prompt",
-"true_cfg_scale", "loras": [{"path", "weight"}], "reference_images": [...]}`. Command-line options are defaults; a
+"true_cfg_scale", "loras": [{"path", "weight"}], "reference_images": [...]}`, plus `"num_frames"` and `"fps"` for a
+video family. Command-line options are defaults; a
 line's fields win. Other fields are the line's own data, echoed into its result line. `images` is what
 `results.jsonl` lines carry (a result fed back as a job): an earlier output, never read as an input.
 """
@@ -46,15 +47,18 @@ class JobItem(RenderItem):
 
     def params(self) -> dict:
         """The effective parameters (hashed into the key, written to the result line)."""
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
-                "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
-                "true_cfg_scale": self.true_cfg_scale, "reference_images": list(self.reference_images),
-                "loras": [{"path": lora.path, "weight": lora.weight} for lora in self.loras]}
+        params = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
+                  "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
+                  "true_cfg_scale": self.true_cfg_scale, "reference_images": list(self.reference_images),
+                  "loras": [{"path": lora.path, "weight": lora.weight} for lora in self.loras]}
+        # Only when given: an image job's keys stay what they were before videos existed.
+        params.update({name: getattr(self, name) for name in ("num_frames", "fps") if getattr(self, name) is not None})
+        return params
 
     def batch_group(self) -> tuple:
         """Items whose group is equal can be denoised in one pipeline call."""
         return (self.loras, self.steps, self.guidance, self.width, self.height, self.true_cfg_scale,
-                self.negative_text is not None, self.reference_images)
+                self.negative_text is not None, self.reference_images, self.num_frames)
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class BadLine:
 # field -> accepted JSON types (bool is excluded from numbers below: json's true is not a seed)
 _FIELD_TYPES = {"id": (str, int), "seed": (int,), "steps": (int,), "guidance": (int, float), "width": (int,),
                 "height": (int,), "negative_prompt": (str,), "true_cfg_scale": (int, float), "loras": (list,),
-                "reference_images": (list,), "prompt": (str, dict, list)}
+                "reference_images": (list,), "prompt": (str, dict, list), "num_frames": (int,), "fps": (int,)}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
@@ -156,7 +160,8 @@ def parse_line(text: str, line: int, defaults: JobDefaults, base: Path) -> JobIt
                               guidance=None if guidance is None else float(guidance),
                               width=pick("width", defaults.width), height=pick("height", defaults.height),
                               negative_prompt=pick("negative_prompt", defaults.negative_prompt),
-                              true_cfg_scale=None if true_cfg is None else float(true_cfg))
+                              true_cfg_scale=None if true_cfg is None else float(true_cfg),
+                              num_frames=pick("num_frames", defaults.num_frames), fps=pick("fps", defaults.fps))
     problems = option_problems(options, line_field)
     if problems:
         raise ValueError("; ".join(problems))
@@ -167,8 +172,8 @@ def parse_line(text: str, line: int, defaults: JobDefaults, base: Path) -> JobIt
     item = JobItem(prompt=prompt, seed=options.seed, steps=options.steps, guidance=options.guidance,
                    width=options.width, height=options.height, negative_prompt=options.negative_prompt,
                    true_cfg_scale=options.true_cfg_scale, loras=loras,
-                   reference_images=tuple(absolute_path(p, base) for p in references), line=line, source=obj,
-                   id=obj.get("id"))
+                   reference_images=tuple(absolute_path(p, base) for p in references), num_frames=options.num_frames,
+                   fps=options.fps, line=line, source=obj, id=obj.get("id"))
     item.key = item_key(defaults, item.params(), item.id)
     return item
 

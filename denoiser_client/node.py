@@ -1,8 +1,10 @@
 """A denoiser node: one loaded pipeline (transformer + VAE), its memory plan, its LoRAs, and the one way it renders.
 
 `generate`, `batch` and the web console all render through `DenoiserNode.render`: the same checks, the same
-diffusers call built by `CallBuilder`, the same placement of embeddings on the execution device, the same handling
-of an out-of-memory (an `OutOfGpuMemory` naming the plan in use and the next one to try; `step_down` moves to it).
+diffusers call built by `CallBuilder` (arguments the pipeline's own signature takes; the prompts of a call, and apart
+from them their negatives, batched by the server model's layouts), the same placement of embeddings on the execution
+device, the same handling of an out-of-memory (an `OutOfGpuMemory` naming the plan in use and the next one to try;
+`step_down` moves to it).
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ import torch
 
 from denoiser_client.errors import IncompatibleModel, InvalidArgument, OutOfGpuMemory
 from denoiser_client.lora import LoraAdapters, LoraRef
+from denoiser_client.options import DEFAULT_FPS, FRAMES_PER_LATENT
 from denoiser_client.pipeline import (family_of, handshake, load_denoiser, load_reference_images, negative_prompt_for,
                                       pick_encoder_model, run_pipeline, transformer_parameters)
 from denoiser_client.vram import PLANS, VramOptions, plan_named
 from denoiser_client.vram_plans import GIB, PlanChoice, next_plan, pick_plan
-from shared.families import PIPELINE_FAMILIES
+from shared.collate import batch_of, collate
+from shared.families import FAMILIES, PIPELINE_FAMILIES
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RenderItem:
-    """What one image needs from the pipeline (job lines and `generate` both become these)."""
+    """What one image (or video) needs from the pipeline (job lines and `generate` both become these)."""
 
     prompt: str
     seed: int = 0
@@ -39,6 +43,8 @@ class RenderItem:
     true_cfg_scale: float | None = None
     loras: tuple[LoraRef, ...] = ()
     reference_images: tuple[str, ...] = ()
+    num_frames: int | None = None  # video pipelines
+    fps: int | None = None  # video pipelines: of the file written, not of the denoising
     negative_text: str | None = None  # what the pipeline's CFG rule needs encoded (set by `DenoiserNode.check`)
 
 
@@ -48,6 +54,7 @@ class CallBuilder:
     def __init__(self, pipe):
         self.pipe = pipe
         self.family = PIPELINE_FAMILIES[type(pipe).__name__]
+        self.media = FAMILIES[self.family].media
         self.params = inspect.signature(pipe.__call__).parameters
         self.size = getattr(pipe, "default_sample_size", 128) * getattr(pipe, "vae_scale_factor", 8)
 
@@ -56,17 +63,31 @@ class CallBuilder:
         return None if p is None else p.default
 
     def used(self, item) -> dict:
-        """The steps, guidance and size the call will use."""
-        return {"steps": item.steps or self.default("num_inference_steps"),
+        """The steps, guidance and size the call will use (a video's frames and fps too)."""
+        used = {"steps": item.steps or self.default("num_inference_steps"),
                 "guidance": item.guidance if item.guidance is not None else self.default("guidance_scale"),
-                "width": item.width or self.size, "height": item.height or self.size}
+                "width": item.width or self.default("width") or self.size,
+                "height": item.height or self.default("height") or self.size}
+        if self.media == "video":
+            used.update(num_frames=item.num_frames or self.default("num_frames"), fps=item.fps or DEFAULT_FPS)
+        return used
 
     def problem(self, item) -> str | None:
         """Why this pipeline cannot run the item (checked before any denoising), or None; sets its negative text."""
         name = type(self.pipe).__name__
-        for field, param in (("true_cfg_scale", "true_cfg_scale"), ("guidance", "guidance_scale")):
+        for field, param in (("true_cfg_scale", "true_cfg_scale"), ("guidance", "guidance_scale"),
+                             ("num_frames", "num_frames")):
             if getattr(item, field) is not None and param not in self.params:
                 return f"{name} takes no {param}: drop {field}"
+        if item.fps is not None and self.media != "video":
+            return f"{name} makes images: drop fps"
+        if item.guidance is not None and self.default("guidance_scale") is None \
+                and not self.pipe.transformer.config.get("guidance_embeds", True):
+            return (f"{name} takes guidance_scale only for guidance-distilled models, and this one runs true CFG: "
+                    "drop guidance, set true_cfg_scale")
+        problem = self.shape_problem(item)
+        if problem:
+            return problem
         try:
             item.negative_text = negative_prompt_for(self.pipe, self.family, item.negative_prompt,
                                                      guidance=item.guidance, true_cfg_scale=item.true_cfg_scale)
@@ -76,24 +97,57 @@ class CallBuilder:
             return str(e)
         return None
 
-    def kwargs(self, items: list, embeddings: list[dict], negatives: list[dict] | None) -> tuple[dict, dict]:
-        """(embeddings of the batch, the other call arguments). Embeddings stay where they are: `run_pipeline`
-        places them."""
-        tensors = collate(embeddings)
+    def shape_problem(self, item) -> str | None:
+        """A size or frame count this pipeline would round silently (a Wan VAE of 16x, not 8x, needs multiples of
+        32), or None."""
+        name, multiple = type(self.pipe).__name__, size_multiple(self.pipe)
+        for side in ("width", "height"):
+            value = getattr(item, side)
+            if value is not None and value % multiple:
+                return f"{side}={value}: {name} with this VAE needs a multiple of {multiple} (e.g. " \
+                       f"{max(multiple, value // multiple * multiple)})"
+        temporal = getattr(self.pipe, "vae_scale_factor_temporal", None)
+        if item.num_frames is not None and temporal and (item.num_frames - 1) % temporal:
+            return f"num_frames={item.num_frames}: {name} with this VAE takes {temporal}k+1 frames (e.g. " \
+                   f"{(item.num_frames - 1) // temporal * temporal + 1})"
+        return None
+
+    def kwargs(self, items: list, embeddings: list[dict], negatives: list[dict] | None,
+               layouts: dict | None = None) -> tuple[dict, dict]:
+        """(embeddings of the batch, the other call arguments). `embeddings` and `negatives` hold one row per item,
+        batched apart by `layouts` (the server model's; stacked when unknown). Embeddings stay where they are:
+        `run_pipeline` places them."""
+        layouts = layouts or {}
+        tensors = collate(batch_of(embeddings), layouts)
         if negatives is not None:
-            tensors.update({f"negative_{name}": t for name, t in collate(negatives).items()})
+            tensors.update(collate(batch_of(negatives), layouts, prefix="negative_"))
         first = items[0]
         call = dict(generator=[torch.Generator("cpu").manual_seed(item.seed) for item in items],
                     num_inference_steps=first.steps, guidance_scale=first.guidance, width=first.width,
-                    height=first.height, true_cfg_scale=first.true_cfg_scale)
+                    height=first.height, true_cfg_scale=first.true_cfg_scale, num_frames=first.num_frames)
+        if self.media == "video":
+            call["output_type"] = "pil"  # frames as PIL images, as images are: one conversion to 8 bits for all
         if first.reference_images:
             call["image"] = load_reference_images(list(first.reference_images), self.family)
         return tensors, {k: v for k, v in call.items() if v is not None and k in self.params}
 
 
-def collate(rows: list[dict]) -> dict:
-    """One prompt's embeddings per row -> the batch the pipeline takes."""
-    return {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
+def size_multiple(pipe) -> int:
+    """What width and height must be multiples of for `pipe` to use them as given: at least 16 (an 8x VAE and 2x2
+    patches, packed into the latents or patchified by the transformer), more where the VAE's spatial factor times the
+    transformer's patch size is larger (a 16x Wan 2.2 VAE with 2x2 patches: 32)."""
+    patch = getattr(pipe.transformer.config, "patch_size", 2) if pipe.transformer is not None else 2
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+    return max(16, spatial * patch)
+
+
+def planned_pixels(width: int | None, height: int | None, num_frames: int | None = None, media: str = "image"
+                   ) -> float:
+    """What the memory planner scales activations by: an image's pixels (1024x1024 when unset), times a video's
+    latent frames (81 frames: 21)."""
+    pixels = (width or 1024) * (height or 1024)
+    return pixels * (((num_frames or 81) - 1) // FRAMES_PER_LATENT + 1) if media == "video" else pixels
 
 
 def plan_for(family: str, source: str, device: str, *, vram: str = "auto", budget_gib: float | None = None,
@@ -154,14 +208,27 @@ class DenoiserNode:
         handshake(pipe, family, info)
         return cls(pipe, plan=plan, source=source, device=device, dtype=dtype, info=info)
 
+    @property
+    def media(self) -> str:
+        """What the pipeline makes: "image", or "video" (frames)."""
+        return self.builder.media
+
+    @property
+    def layouts(self) -> dict:
+        """How the server model's outputs are batched (none known without a server model: stacked)."""
+        return self.info.layouts if self.info is not None else {}
+
     def check(self, item) -> str | None:
         return self.builder.problem(item)
 
-    def render(self, items: list, embeddings: list[dict], negatives: list[dict] | None = None, *, timings=None,
-               progress=None) -> list:
-        """Images for `items` (one diffusers call; they share steps, size and LoRAs). Raises `OutOfGpuMemory`."""
+    def render(self, items: list, embeddings: list[dict], negatives: list[dict] | None = None, *, layouts=None,
+               timings=None, progress=None) -> list:
+        """Images (a video pipeline: each item's frames) for `items`, from one row of embeddings per item (and per
+        negative) as `RemoteEmbedder` gives them, batched by `layouts` (default: the server model's), in one
+        diffusers call (they share steps, size and LoRAs). Raises `OutOfGpuMemory`."""
         self.adapters.activate(tuple(items[0].loras))
-        tensors, call = self.builder.kwargs(items, embeddings, negatives)
+        tensors, call = self.builder.kwargs(items, embeddings, negatives,
+                                            self.layouts if layouts is None else layouts)
         try:
             return run_pipeline(self.pipe, tensors, timings=timings, progress=progress, **call)
         except torch.OutOfMemoryError:

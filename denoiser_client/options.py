@@ -1,8 +1,9 @@
 """What a node command is asked to make, and the one validator of it.
 
-`GenerateOptions` holds one image's parameters; `generate`, job lines and the web console all check them with
-`check_options`, which names the argument the way its caller spells it (`--width` on the command line, `width=` in a
-job line) and says the fix. Everything here runs before any model loads and imports neither torch nor grpc.
+`GenerateOptions` holds one image's (or video's) parameters; `generate`, job lines and the web console all check them
+with `check_options`, which names the argument the way its caller spells it (`--width` on the command line, `width=`
+in a job line) and says the fix; `media_problems` checks them against what the family makes (images or video).
+Everything here runs before any model loads and imports neither torch nor grpc.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ MAX_SIDE = 4096
 MAX_STEPS = 1000
 SIZE_MULTIPLE = 16  # FLUX-style latents: the VAE's 8x times the transformer's 2x2 patches
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+VIDEO_FORMATS = {".mp4": "MP4", ".gif": "GIF"}
+DEFAULT_FPS = 16  # Wan's own examples export at 16 frames a second
+MAX_FPS = 120
+FRAMES_PER_LATENT = 4  # Wan's VAE packs 4 frames into each latent frame after the first: 4k+1 frames
+MAX_FRAMES = 1001
 
 
 @dataclass
 class GenerateOptions:
-    """One image's parameters; `None` means the pipeline's own default."""
+    """One image's (video's) parameters; `None` means the pipeline's own default."""
 
     seed: int = 0
     steps: int | None = None
@@ -32,6 +38,8 @@ class GenerateOptions:
     true_cfg_scale: float | None = None
     max_sequence_length: int | None = None
     reference_images: tuple[str, ...] = ()  # FLUX.2: opened and encoded by the node's own VAE
+    num_frames: int | None = None  # video families
+    fps: int | None = None  # video families: frames a second of the file written (default 16)
 
 
 def cli_flag(field: str) -> str:
@@ -69,6 +77,28 @@ def option_problems(options: GenerateOptions, name: Callable[[str], str] = cli_f
             say(scale, "must be from 0 to 100")
     if options.max_sequence_length is not None and options.max_sequence_length < 1:
         say("max_sequence_length", "must be at least 1")
+    frames = options.num_frames
+    if frames is not None and (not 1 <= frames <= MAX_FRAMES or (frames - 1) % FRAMES_PER_LATENT):
+        near = max(1, min(MAX_FRAMES, round((frames - 1) / FRAMES_PER_LATENT) * FRAMES_PER_LATENT + 1))
+        say("num_frames", f"must be {FRAMES_PER_LATENT}k+1 from 1 to {MAX_FRAMES} (the video VAE packs "
+                          f"{FRAMES_PER_LATENT} frames into each latent frame after the first), e.g. {near}")
+    if options.fps is not None and not 1 <= options.fps <= MAX_FPS:
+        say("fps", f"must be from 1 to {MAX_FPS} frames a second")
+    return problems
+
+
+def media_problems(options: GenerateOptions, family: str, media: str, name: Callable[[str], str] = cli_flag
+                   ) -> list[str]:
+    """Options that do not fit what `family` makes (`media`: "image" or "video"): frames and fps for an image
+    family."""
+    if media == "video":
+        return []
+    problems = []
+    for field in ("num_frames", "fps"):
+        value = getattr(options, field)
+        if value is not None:
+            text = f"is for video families (wan), and {family} makes images: drop it"
+            problems.append(f"{name(field)} {value}: {text}" if name is cli_flag else f"{name(field)}={value} {text}")
     return problems
 
 
@@ -82,13 +112,25 @@ def check_options(options: GenerateOptions, name: Callable[[str], str] = cli_fla
 
 def check_image_path(path: str | os.PathLike, flag: str = "--out", formats: dict[str, str] = IMAGE_FORMATS) -> str:
     """The image format `path`'s suffix names; `ValueError` if it names none, or if `path` cannot be written."""
+    return check_output_path(path, "image", flag, formats)
+
+
+def check_output_path(path: str | os.PathLike, media: str = "image", flag: str = "--out",
+                      formats: dict[str, str] | None = None) -> str:
+    """The format `path`'s suffix names, among those of `media` ("image": PNG, JPEG, WebP; "video": MP4, GIF);
+    `ValueError` if it names none, or if `path` cannot be written."""
     path = Path(path)
+    formats = formats or (VIDEO_FORMATS if media == "video" else IMAGE_FORMATS)
+    example = "video.mp4" if media == "video" else "image.png"
     if path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a folder: name the file to write, e.g. {path / 'image.png'}")
+        raise ValueError(f"{flag} {str(path)!r} is a folder: name the file to write, e.g. {path / example}")
     fmt = formats.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"{flag} {str(path)!r}: the suffix {path.suffix or '(none)'!r} is not an image format "
-                         f"promptcast writes; use one of {', '.join(sorted(formats))}")
+        other = IMAGE_FORMATS if media == "video" else VIDEO_FORMATS
+        kind = "a video format" if media == "video" else "an image format"
+        hint = f" (this model makes {media}s)" if path.suffix.lower() in other else ""
+        raise ValueError(f"{flag} {str(path)!r}: the suffix {path.suffix or '(none)'!r} is not {kind} promptcast "
+                         f"writes{hint}; use one of {', '.join(sorted(formats))}")
     parent = next((p for p in path.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ValueError(f"{flag} {str(path)!r}: {parent} is a file, not a folder")

@@ -1,13 +1,12 @@
 """Denoiser-side pipelines: the diffusers pipeline with its text encoders left on the server.
 
 Loading (text encoders never read), the handshake with the server's model, the one place that puts embeddings on
-the pipeline's execution device and dtype (diffusers does not move given embeddings), timed calls, atomic saves.
+the pipeline's execution device and dtype (diffusers does not move given embeddings), timed calls.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +14,8 @@ from pathlib import Path
 import torch
 
 from denoiser_client.errors import IncompatibleModel, InvalidArgument
-from denoiser_client.options import IMAGE_FORMATS
 from denoiser_client.remote import ModelInfo, RemoteTextEncoder
-from shared.atomic_files import write_atomically
+from shared.collate import batch_of, collate, rows_of
 from shared.families import FAMILIES, PIPELINE_FAMILIES, family_of_pipeline
 from shared.sources import ModelSourceError, resolve_source
 
@@ -117,8 +115,9 @@ def compute_dtype(pipe) -> torch.dtype:
 
 
 def place_embeddings(pipe, embeddings: dict) -> dict:
-    """Embeddings on the pipeline's execution device, floating-point ones in its compute dtype: diffusers uses given
-    embeddings as they are, so CPU tensors on a CUDA pipeline, or fp32 ones on a bf16 pipeline, would fail there."""
+    """Embeddings on the pipeline's execution device, floating-point ones in its compute dtype (each tensor of a list,
+    as Z-Image takes them, too): diffusers uses given embeddings as they are, so CPU tensors on a CUDA pipeline, or
+    fp32 ones on a bf16 pipeline, would fail there."""
     device, dtype = pipe._execution_device, compute_dtype(pipe)
 
     def place(t):
@@ -148,15 +147,19 @@ class Timings:
 def remote_embeddings(encoder: RemoteTextEncoder, model: str, prompt: str, *, negative_prompt: str | None = None,
                       max_sequence_length: int | None = None, timings: Timings | None = None) -> dict:
     """Embeddings of a prompt (and its negative prompt), keyed as the diffusers call wants them (CPU tensors:
-    `run_pipeline` or `place_embeddings` put them where the pipeline computes)."""
+    `run_pipeline` or `place_embeddings` put them where the pipeline computes). One request; the prompt and its
+    negative are batched apart by the model's layouts, as the pipeline encodes them (a Qwen-Image prompt is never
+    padded to its negative's length)."""
     prompts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
     started = time.perf_counter()
-    tensors, info = encoder.encode(prompts, model, max_sequence_length=max_sequence_length, with_info=True)
+    tensors, info = encoder.encode(prompts, model, max_sequence_length=max_sequence_length, with_info=True,
+                                   collated=False)
     if timings is not None:
         timings.add_encode(info, time.perf_counter() - started)
-    kwargs = {name: t[:1] for name, t in tensors.items()}
+    rows, layouts = rows_of(tensors), encoder.model_info(model).layouts
+    kwargs = collate(batch_of(rows[:1]), layouts)
     if negative_prompt is not None:
-        kwargs.update({f"negative_{name}": t[1:] for name, t in tensors.items()})
+        kwargs.update(collate(batch_of(rows[1:]), layouts, prefix="negative_"))
     return kwargs
 
 
@@ -192,9 +195,10 @@ def load_reference_images(paths: list[str], family: str) -> list:
     return images
 
 
-def run_pipeline(pipe, embeddings: dict, *, timings: Timings | None = None, progress=None, **call_kwargs):
-    """Call the pipeline on precomputed embeddings (placed on its device first); returns its images. Splits the time
-    into denoise and decode; `progress(step, steps)` is called after each denoising step."""
+def run_pipeline(pipe, embeddings: dict, *, timings: Timings | None = None, progress=None, **call_kwargs) -> list:
+    """Call the pipeline on precomputed embeddings (placed on its device first); returns one result per prompt: its
+    image, or for a video pipeline its frames (`.frames`). Splits the time into denoise and decode;
+    `progress(step, steps)` is called after each denoising step."""
     timings = timings if timings is not None else Timings()
     marks = []
     steps = call_kwargs.get("num_inference_steps")
@@ -207,16 +211,9 @@ def run_pipeline(pipe, embeddings: dict, *, timings: Timings | None = None, prog
 
     started = time.perf_counter()
     with torch.inference_mode():
-        images = pipe(**place_embeddings(pipe, embeddings), **call_kwargs, callback_on_step_end=mark_step).images
+        output = pipe(**place_embeddings(pipe, embeddings), **call_kwargs, callback_on_step_end=mark_step)
     finished = time.perf_counter()
     last_step = marks[-1] if marks else started
     timings.denoise += last_step - started
     timings.decode += finished - last_step
-    return images
-
-
-def save_atomically(image, out: str | os.PathLike) -> Path:
-    """Save a PIL image so that `out` is never a partial image (temp file, fsync, rename)."""
-    out = Path(out)
-    image_format = IMAGE_FORMATS.get(out.suffix.lower(), "PNG")
-    return write_atomically(out, lambda f: image.save(f, format=image_format))
+    return output.frames if hasattr(output, "frames") else output.images

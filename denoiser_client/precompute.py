@@ -1,11 +1,16 @@
 """`promptcast encode`: precompute embeddings for a job file (or a dataset's captions) and export them for plain
 diffusers and training loops.
 
-Every prompt becomes one safetensors file whose tensor names are the diffusers call's own arguments,
-with the batch dimension of one prompt, so no promptcast code is needed to use it:
+Every prompt becomes one safetensors file whose tensor names are the diffusers call's own arguments, as the
+pipeline takes them for one prompt (batch dimension 1, at the prompt's own length: Qwen-Image's `prompt_embeds`
+unpadded, with its all-ones `prompt_embeds_mask`), so no promptcast code is needed to use it:
 
     tensors = safetensors.torch.load_file("out/<name>.safetensors")
     image = pipe(**tensors, num_inference_steps=28).images[0]
+
+safetensors holds tensors, not lists: Z-Image's `prompt_embeds` (a list of `(L, D)` tensors in its call) is stored
+as `(1, L, D)`, and `list()` gives the list back, `pipe(**{k: list(v) for k, v in tensors.items()})`; the file's
+`collate` metadata names such outputs.
 
 Encoding through the server also warms its cache tiers: a second run (another epoch's export, another
 machine) is answered from them, which each row of `index.jsonl` says (`cache_status`). Files are named by
@@ -133,12 +138,24 @@ def encode_texts(client, info, texts: list[tuple[str, str | None]], length: int,
 
 
 def _encode(client, info, chunk, with_2: bool, length: int) -> dict:
+    from shared.collate import rows_of
+
     prompts_2 = [p2 for _, p2 in chunk] if with_2 else None
     tensors, call = client.encode([p for p, _ in chunk], info.name, prompt_2=prompts_2, max_sequence_length=length,
-                                  with_info=True)
-    return {text: {"key": call.cache_keys[i], "status": call.cache_status[i],
-                   "tensors": {name: t[i:i + 1].clone() for name, t in tensors.items()}}
-            for i, text in enumerate(chunk)}
+                                  with_info=True, collated=False)
+    return {text: {"key": call.cache_keys[i], "status": call.cache_status[i], "tensors": row}
+            for i, (text, row) in enumerate(zip(chunk, rows_of(tensors)))}
+
+
+def one_prompt_call(row: dict, layouts: dict, prefix: str = "") -> dict:
+    """One prompt's tensors as the pipeline takes them for one prompt, each its own tensor (a list output's one
+    tensor as `(1, L, D)`: safetensors holds no lists)."""
+    import torch
+
+    from shared.collate import batch_of, collate
+
+    call = collate(batch_of([row]), layouts, prefix=prefix)
+    return {name: torch.stack(value) if isinstance(value, list) else value for name, value in call.items()}
 
 
 def export(client, jobs: list[Job], out: Path, *, model: str | None = None, max_sequence_length: int | None = None,
@@ -180,15 +197,16 @@ def export(client, jobs: list[Job], out: Path, *, model: str | None = None, max_
             continue
         positive = encoded[texts[0]]
         negative = encoded[texts[1]] if len(texts) > 1 else None
-        tensors = dict(positive["tensors"])
+        tensors = one_prompt_call(positive["tensors"], info.layouts)
         key = positive["key"]
-        if negative is not None:
-            tensors.update({f"negative_{name}": t for name, t in negative["tensors"].items()})
+        if negative is not None:  # batched apart: a prompt is never padded to its negative's length
+            tensors.update(one_prompt_call(negative["tensors"], info.layouts, prefix="negative_"))
             key = hashlib.sha256(f"{key}:{negative['key']}".encode()).hexdigest()
         name = f"{key}.safetensors"
         metadata = {"prompt": job.prompt, "prompt_2": job.prompt_2 or "", "negative_prompt": job.negative_prompt or "",
                     "model": info.name, "family": info.family, "fingerprint": info.fingerprint,
-                    "max_sequence_length": str(length), "cache_key": key}
+                    "max_sequence_length": str(length), "cache_key": key,
+                    "collate": json.dumps({o.name: o.layout.collate for o in info.outputs}, sort_keys=True)}
         if not (out / name).exists():
             write_atomically(out / name, save({k: t.contiguous() for k, t in tensors.items()}, metadata))
         rows.append({"line": job.line, "prompt": job.prompt, "prompt_2": job.prompt_2,

@@ -2,9 +2,16 @@
 of the same `EmbeddingService` as gRPC (batcher, cache tiers, limits, tokens, TLS files, metrics, request log).
 
 * `POST /predict`, body `{"prompt": str or [str], "model"?}`: the `torch.save` bytes of `prompt_embeds` (B, L, D),
-  as the hosted endpoint answers; with `Accept: application/vnd.safetensors`, a safetensors file of every output.
+  as the hosted endpoint answers (a model whose prompts each have their own length, Qwen-Image or Z-Image, takes one
+  prompt a call there: one tensor cannot hold several); with `Accept: application/vnd.safetensors`, a safetensors
+  file of every output.
 * `POST /v1/encode`, body `{"model"?, "prompts", "prompts_2"?, "max_sequence_length"?}`: a safetensors file of every
   output, with each prompt's cache status and key in its metadata.
+
+A safetensors answer holds each output as the pipeline takes the batch: one-shape outputs stacked `(B, ...)`; a
+padded one (Qwen-Image) zero-padded to the longest prompt with its mask beside it (`prompt_embeds_mask`); a list one
+(Z-Image), which safetensors cannot hold as a list, as one tensor per prompt at its own length, `NAME.0`, `NAME.1`...
+The metadata's `collate` names each output's form (`stack`, `pad` or `list`).
 * `GET /healthz`: 200 while SERVING, 503 otherwise.
 
 Errors are JSON `{"error": message, "code": gRPC status name}` with the HTTP status of the same domain error. The
@@ -30,6 +37,7 @@ import torch
 from encoder_server.errors import EncoderServerError, InvalidInput, RequestTooLarge, Unauthenticated
 from encoder_server.metrics import request_id
 from encoder_server.service import Limits
+from shared.collate import LIST, PAD, pad
 
 INSTALL_HINT = "pip install 'promptcast[http]' (or: pip install starlette uvicorn)"
 try:
@@ -137,8 +145,16 @@ class HttpGateway:
         body = await self._json(request, PREDICT_FIELDS)
         prompts, model = _texts(body, "prompt", single=True), _name(body)
         call.describe(model, len(prompts))
+        safetensors = _accepts(request.headers.get("accept", ""), SAFETENSORS)
+        # Before any encoding; a server still warming has no models to ask, and `encode` says it is warming.
+        if not safetensors and len(prompts) > 1 and self.service.ready \
+                and "prompt_embeds" in self.service.variable_outputs(model):
+            encoder = self.service.model(model)
+            raise InvalidInput(f"model {encoder.name!r} ({encoder.family}) gives each prompt its own length, and the "
+                               f"torch.save answer is one tensor: send one prompt a call, or {len(prompts)} with "
+                               f"'Accept: {SAFETENSORS}' (or POST /v1/encode)")
         embeddings = await self._unless_gone(request, self.service.encode(model, prompts))
-        if _accepts(request.headers.get("accept", ""), SAFETENSORS):
+        if safetensors:
             return await self._safetensors(self.service.model(model), embeddings)
         data = await self._off_loop(_torch_save, _stacked(embeddings, ["prompt_embeds"])["prompt_embeds"])
         return Response(data, media_type=TORCH_SAVE, headers=_cache_headers(embeddings))
@@ -226,8 +242,10 @@ class HttpGateway:
                     "max_sequence_length": str(max_sequence_length or encoder.default_max_sequence_length),
                     "cache_status": json.dumps([e.cache_status for e in embeddings]),
                     "cache_keys": json.dumps([e.key for e in embeddings])}
-        names = list(embeddings[0].tensors)
-        data = await self._off_loop(lambda: safetensors_bytes(_stacked(embeddings, names), metadata))
+        layouts = {o.name: o.layout for o in encoder.outputs}
+        metadata["collate"] = json.dumps({name: layouts[name].collate for name in embeddings[0].tensors},
+                                         sort_keys=True)
+        data = await self._off_loop(lambda: safetensors_bytes(_batched(embeddings, layouts), metadata))
         return Response(data, media_type=SAFETENSORS, headers=_cache_headers(embeddings))
 
     async def _off_loop(self, fn, *args):
@@ -296,6 +314,22 @@ def _accepts(header: str, media_type: str) -> bool:
         except ValueError:
             continue
     return False
+
+
+def _batched(embeddings, layouts) -> dict[str, torch.Tensor]:
+    """Every output of the prompts' embeddings in its safetensors form: stacked, padded with its mask, or one tensor a
+    prompt (`NAME.i`)."""
+    out = _stacked(embeddings, [n for n in embeddings[0].tensors if layouts[n].collate not in (PAD, LIST)])
+    for name in embeddings[0].tensors:
+        layout = layouts[name]
+        rows = [e.tensors[name] for e in embeddings]
+        if layout.collate == LIST:
+            out.update({f"{name}.{i}": row.contiguous() for i, row in enumerate(rows)})
+        elif layout.collate == PAD:
+            out[name], mask = pad(rows)
+            if layout.mask:
+                out[layout.mask] = mask
+    return out
 
 
 def _stacked(embeddings, names) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -33,17 +33,21 @@ app.add_typer(cache_cli.app, name="cache")
 
 
 @app.command("demo")
-def demo(out: Annotated[Path, typer.Option(help="Where to save the image.")] = Path("promptcast-demo.png"),
+def demo(out: Annotated[Optional[Path], typer.Option(help="Where to save the image (default: promptcast-demo.png; "
+                                                    "a video family's: promptcast-demo.mp4).")] = None,
          prompt: str = "a red fox sitting in a snowy forest at dusk",
-         family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein...")] = "flux1",
+         family: Annotated[str, typer.Option(help="A model family: flux1, flux2, flux2-klein, sd3, qwen-image, "
+                                                  "z-image, wan.")] = "flux1",
          device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N: where both sides run.")] = "cpu"):
-    """Offline end-to-end demo: tiny model, local encoder server, one image through gRPC."""
-    from denoiser_client.options import check_image_path
-    from promptcast.demo import run_demo
+    """Offline end-to-end demo: tiny model, local encoder server, one image (wan: a tiny video) through gRPC."""
+    from denoiser_client.options import check_output_path
+    from promptcast.demo import default_out, run_demo
     from shared.config import resolve_device
+    from shared.families import FAMILIES
 
     _check_family(family)
-    check_image_path(out)
+    out = out or Path(default_out(family))
+    check_output_path(out, FAMILIES[family].media)
     run_demo(str(out), prompt, family, device=resolve_device(device), echo=typer.echo)
 
 

@@ -1,4 +1,4 @@
-"""`promptcast demo`: the whole split on one machine, offline, in a few seconds."""
+"""`promptcast demo`: the whole split on one machine, offline, in a few seconds (a tiny video for wan)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,17 @@ def _quiet() -> None:
         library.utils.logging.disable_progress_bar()
 
 
-def run_demo(out: str = "promptcast-demo.png", prompt: str = "a red fox sitting in a snowy forest at dusk",
+def default_out(family: str) -> str:
+    """`promptcast-demo.png`, or `promptcast-demo.mp4` for a video family."""
+    from shared.families import FAMILIES
+
+    return "promptcast-demo.mp4" if FAMILIES[family].media == "video" else "promptcast-demo.png"
+
+
+def run_demo(out: str | None = None, prompt: str = "a red fox sitting in a snowy forest at dusk",
              family: str = "flux1", seed: int = 0, device: str = "cpu", echo=print) -> Path:
     """Build (or reuse) a tiny model, serve its text encoders on a free local port, generate one
-    image through gRPC on the denoiser side and report where the time and bytes went."""
+    image (a video family: 5 frames) through gRPC on the denoiser side and report where the time and bytes went."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet()
     from denoiser_client.generate import generate
@@ -33,7 +40,10 @@ def run_demo(out: str = "promptcast-demo.png", prompt: str = "a red fox sitting 
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
     from promptcast.tiny_models import make_tiny_model
     from shared.config import cache_home, parse_dtype
+    from shared.families import FAMILIES
 
+    out = out or default_out(family)
+    video = FAMILIES[family].media == "video"
     started = time.perf_counter()
     model_dir = make_tiny_model(cache_home() / f"tiny-{family}", family)
     echo(f"tiny {family} model: {model_dir}")
@@ -41,10 +51,10 @@ def run_demo(out: str = "promptcast-demo.png", prompt: str = "a red fox sitting 
     with BackgroundServer(config) as server:
         echo(f"encoder server: {server.address} (text encoders only)")
         with RemoteTextEncoder(server.address, timeout=120) as encoder:
-            path, t = generate(encoder, str(model_dir), prompt, out,
-                               options=GenerateOptions(seed=seed, steps=4, width=64, height=64), device=device,
-                               dtype=parse_dtype("auto", device), progress=False)
-    echo(f"image: {path.resolve()}")
+            options = GenerateOptions(seed=seed, steps=4, width=64, height=64, num_frames=5 if video else None)
+            path, t = generate(encoder, str(model_dir), prompt, out, options=options, device=device,
+                               dtype=parse_dtype("auto", device), progress=False, echo=echo)
+    echo(f"{'video' if video else 'image'}: {path.resolve()}")
     echo(f"encode {t.encode * 1000:.1f} ms | transfer {t.transfer * 1000:.1f} ms | denoise {t.denoise * 1000:.1f} ms"
          f" | decode {t.decode * 1000:.1f} ms | {t.wire_bytes:,} embedding bytes over gRPC"
          f" | total {time.perf_counter() - started:.1f} s")

@@ -272,7 +272,7 @@ def test_quantize_fp8_on_cpu_stores_float8_and_never_loads_text_encoders(tiny_fl
     stored = {weights[name].dtype for name in weights if name.endswith(("to_q.weight", "norm1.linear.weight"))}
     assert stored == {torch.float8_e4m3fn}  # attention and AdaLN modulation Linears: float8
     assert weights["norm_out.linear.weight"].dtype == weights["x_embedder.weight"].dtype == torch.float32
-    embeds = RemoteEmbedder(client, "tiny-flux1", 16).encode(["an fp8 fox"])[0]
+    embeds = client.encode(["an fp8 fox"], "tiny-flux1", max_sequence_length=16)
     call = dict(num_inference_steps=2, width=32, height=32, output_type="np")
     got = fp8(**embeds, generator=torch.Generator().manual_seed(0), **call).images
     want = base(**embeds, generator=torch.Generator().manual_seed(0), **call).images

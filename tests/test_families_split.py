@@ -57,11 +57,14 @@ def enc(server):
 @torch.no_grad()
 def diffusers_embeds(pipe, family: str, prompts: list[str], length: int) -> dict:
     """What the pipeline's own encode gives: one call for the batch (Qwen-Image: one call per prompt, collated as a
-    batch, since its batched encode pads; see `test_qwen_image_rows_do_not_depend_on_their_batch`)."""
+    batch, since its batched encode pads, see `test_qwen_image_rows_do_not_depend_on_their_batch`; SD3: one call per
+    prompt, since its pooled projection of several rows rounds otherwise, see
+    `test_sd3_pooled_rows_do_not_depend_on_their_batch`)."""
     if family == "sd3":
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
-                                                  max_sequence_length=length)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        rows = [pipe.encode_prompt([p], None, None, do_classifier_free_guidance=False, max_sequence_length=length)
+                for p in prompts]
+        return {"prompt_embeds": torch.cat([r[0] for r in rows]),
+                "pooled_prompt_embeds": torch.cat([r[2] for r in rows])}
     if family == "qwen-image":
         rows = [pipe.encode_prompt([p], max_sequence_length=length)[0][0] for p in prompts]
         return collate({"prompt_embeds": rows}, {"prompt_embeds": _pad()})
@@ -99,13 +102,25 @@ def test_server_embeddings_equal_encode_prompt(enc, references, family, length):
 
 def test_sd3_prompt_2_feeds_clip_g(enc, references):
     with torch.no_grad():
-        embeds, _, pooled, _ = references["sd3"].encode_prompt(
-            ["a fox", "a cat"], ["a watercolor fox", "an oil cat"], None, do_classifier_free_guidance=False,
-            max_sequence_length=32)
+        rows = [references["sd3"].encode_prompt([p], [p2], None, do_classifier_free_guidance=False,
+                                                max_sequence_length=32)
+                for p, p2 in (("a fox", "a watercolor fox"), ("a cat", "an oil cat"))]
     got = enc.encode(["a fox", "a cat"], "tiny-sd3", prompt_2=["a watercolor fox", "an oil cat"],
                      max_sequence_length=32)
-    assert_equal(got, {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
+    assert_equal(got, {"prompt_embeds": torch.cat([r[0] for r in rows]),
+                       "pooled_prompt_embeds": torch.cat([r[2] for r in rows])})
     assert got["prompt_embeds"].shape == (2, 77 + 32, 96)
+
+
+def test_sd3_pooled_rows_do_not_depend_on_their_batch(enc, references):
+    """CLIP's pooled projection of several rows rounds differently from one row's, in diffusers' own batched encode;
+    the server projects each prompt alone, so a row equals that prompt's own call and one cache entry serves all."""
+    prompts = ["a cat", "a lighthouse in a storm at night, waves breaking over the rocks, gulls"]
+    with torch.no_grad():
+        alone = references["sd3"].encode_prompt(prompts[:1], None, None, do_classifier_free_guidance=False,
+                                                max_sequence_length=32)[2]
+    got = enc.encode(prompts[::-1], "tiny-sd3", max_sequence_length=32)
+    assert torch.equal(got["pooled_prompt_embeds"][1], alone[0])
 
 
 def test_qwen_image_rows_do_not_depend_on_their_batch(enc, references):

@@ -82,8 +82,12 @@ def ui(
     images = check_out_dir(out_dir)
     from denoiser_client.node import DenoiserNode
     from denoiser_client.pipeline import family_of
+    from shared.families import FAMILIES
 
-    family_of(model)
+    family = family_of(model)
+    if FAMILIES[family].media != "image":
+        raise ValueError(f"--model {model!r} is {family}, which makes videos, and the console shows images: use "
+                         "promptcast generate --out NAME.mp4, or promptcast batch")
 
     def connect():
         return _client(encoder, token, tls_ca, timeout, tls_cert=tls_cert, tls_key=tls_key, cache_dir=cache_dir)

@@ -22,7 +22,8 @@ from denoiser_client.generate import render_one
 from denoiser_client.lora import LoraError
 from denoiser_client.node import DenoiserNode, RenderItem
 from denoiser_client.options import GenerateOptions, check_options
-from denoiser_client.pipeline import Timings, save_atomically
+from denoiser_client.media import save_image
+from denoiser_client.pipeline import Timings
 from denoiser_client.remote import RemoteTextEncoder
 from denoiser_client.ui.styles import BASE, Style
 from shared.families import FAMILIES
@@ -141,6 +142,9 @@ class Console:
 
     def __init__(self, node: DenoiserNode, encoder: RemoteTextEncoder, styles: list[Style], out_dir: str | Path, *,
                  connect: Callable[[], RemoteTextEncoder] | None = None):
+        if node.media != "image":
+            raise InvalidArgument(f"the console shows images, and {node.family} makes videos: use promptcast generate "
+                                  "or promptcast batch")
         self.node, self.encoder, self._connect = node, encoder, connect
         self._stale = False  # the server was unavailable: dial afresh next time
         self.styles = {style.name: style for style in styles}
@@ -235,7 +239,7 @@ class Console:
             except ServerUnavailable:
                 self._stale = True
                 raise
-            path = save_atomically(image, self.out_dir / f"{next(self._numbers):05d}-seed{options.seed}.png")
+            path = save_image(image, self.out_dir / f"{next(self._numbers):05d}-seed{options.seed}.png")
             self.renders += 1
         used = self.node.builder.used(item)
         done = replace(request, seed=options.seed, steps=used["steps"], width=used["width"], height=used["height"],

@@ -3,6 +3,11 @@
 The encode path is diffusers' own: `StableDiffusion3Pipeline.encode_prompt` called on a pipeline that holds only the
 three text encoders and their tokenizers (no transformer, no VAE, no scheduler), so the 77 CLIP tokens, the zero
 padding of the CLIP states to T5's width, truncation, `prompt_2` handling and dtypes are exactly the library's.
+
+One change makes a prompt's bytes independent of its batch: each CLIP's `text_projection` (the Linear that makes the
+pooled vector) is applied one prompt at a time. A matrix product of one row and one of several rows round
+differently (CPU and CUDA kernels alike), so the pooled vector of a prompt encoded among others would differ in its
+last bits from the one a pipeline computes for that prompt alone, and from a cache entry made alone.
 """
 
 from __future__ import annotations
@@ -15,13 +20,21 @@ from encoder_server.families.base import Encoder, OutputSpec
 CLIP_TOKENS = 77  # CLIP's context: the first 77 tokens of every prompt_embeds row
 
 
+class PerPromptLinear(torch.nn.Linear):
+    """A Linear applied to each row of its input alone: the same bits as a batch of one, whatever the batch."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super(PerPromptLinear, self).forward(row) for row in input.split(1)])
+
+
 class StableDiffusion3Encoder(Encoder):
     r"""
     The text encoders of [`~diffusers.StableDiffusion3Pipeline`].
 
     `encode` returns `{"prompt_embeds": (B, 77 + max_sequence_length, T5 width), "pooled_prompt_embeds": (B, CLIP-L +
-    CLIP-G projection widths)}` in the models' dtype, equal to `StableDiffusion3Pipeline.encode_prompt(prompts,
-    prompt_2=prompts_2, max_sequence_length=...)`'s positive half. The pipeline's negatives (`guidance_scale > 1`,
+    CLIP-G projection widths)}` in the models' dtype, each prompt's equal to `StableDiffusion3Pipeline.encode_prompt(
+    [prompt], prompt_2=[prompt_2], max_sequence_length=...)`'s positive half, what the pipeline computes for it in a
+    call of its own. The pipeline's negatives (`guidance_scale > 1`,
     "" by default) are encoded by the same code with the same defaults, so a client gets them by encoding the
     negative prompt, and one cache entry serves it as either.
 
@@ -45,8 +58,10 @@ class StableDiffusion3Encoder(Encoder):
 
         def clip(subfolder: str):
             # CLIP-L (0.1 B) and CLIP-G (0.7 B) give the pooled vector: never quantized. T5-XXL (4.7 B) is.
-            return self.prepare_module(CLIPTextModelWithProjection.from_pretrained(
+            model = self.prepare_module(CLIPTextModelWithProjection.from_pretrained(
                 source.pretrained, subfolder=subfolder, **load), quantize=False)
+            model.text_projection.__class__ = PerPromptLinear
+            return model
 
         self.pipe = StableDiffusion3Pipeline(
             transformer=None, scheduler=None, vae=None,
@@ -77,6 +92,7 @@ class StableDiffusion3Encoder(Encoder):
     def fingerprint_parts(self) -> dict:
         # encode_prompt's defaults that shape the bytes: CLIP's penultimate layer (clip_skip None), 77 CLIP tokens.
         return {**super().fingerprint_parts(), "clip_skip": None, "clip_tokens": self.pipe.tokenizer_max_length,
+                "pooled_projection": "per-prompt",
                 "default_max_sequence_length": self.default_max_sequence_length,
                 "max_sequence_length_limit": self.max_sequence_length_limit}
 

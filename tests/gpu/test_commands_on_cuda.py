@@ -21,7 +21,7 @@ from promptcast.cli import main
 from shared.families import FAMILIES
 
 # FLUX.2 and Qwen-Image put a system message or template before the prompt: their tiny models need more tokens.
-LENGTH = {"flux1": 32, "sd3": 32, "wan": 32}
+LENGTH = {"flux1": 32, "sd3": 32, "qwen-image": 32, "wan": 32}
 CALL = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "3"]
 
 
