@@ -159,8 +159,11 @@ def generate(
     timeout: TimeoutOpt = 120.0, cache_dir: CacheDirOpt = None,
 ):
     """Generate one image (a video family: one video) on this node with embeddings from the encoder server."""
-    options = check_options(GenerateOptions(seed, steps, guidance, width, height, negative_prompt, true_cfg_scale,
-                                            max_sequence_length, tuple(map(str, image or ())), num_frames, fps))
+    options = check_options(GenerateOptions(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                                            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+                                            max_sequence_length=max_sequence_length,
+                                            reference_images=tuple(map(str, image or ())), num_frames=num_frames,
+                                            fps=fps))
     check_output_path(out, "video" if out.suffix.lower() in (".mp4", ".gif") else "image")
     check_readable_files(options.reference_images, "--image")
     setup = check_node_options(device, dtype, vram, vram_budget, quantize, offload, vae_tiling, lora)
@@ -208,8 +211,9 @@ def batch(
     from denoiser_client.batch import BatchOptions, run_batch_command
     from denoiser_client.jobs import JobDefaults, check_job_file, parse_shard
 
-    options = check_options(GenerateOptions(seed, steps, guidance, width, height, negative_prompt, true_cfg_scale,
-                                            max_sequence_length, num_frames=num_frames, fps=fps))
+    options = check_options(GenerateOptions(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                                            negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale,
+                                            max_sequence_length=max_sequence_length, num_frames=num_frames, fps=fps))
     check_job_file(input)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {str(out_dir)!r} is a file: pass a folder (it is created if missing)")

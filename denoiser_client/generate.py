@@ -26,11 +26,7 @@ def render_one(node: DenoiserNode, encoder: RemoteTextEncoder, prompt, options: 
     """One image from `node` with embeddings from `encoder`: (PIL image, or a video pipeline's list of frames,
     timings, the item as rendered). The prompt and the negative its pipeline's CFG needs come in one request, and
     are batched apart."""
-    item = RenderItem(prompt=prompt_text(prompt), seed=options.seed, steps=options.steps, guidance=options.guidance,
-                      width=options.width, height=options.height, negative_prompt=options.negative_prompt,
-                      true_cfg_scale=options.true_cfg_scale, loras=tuple(loras),
-                      reference_images=tuple(options.reference_images), num_frames=options.num_frames,
-                      fps=options.fps)
+    item = RenderItem.of(prompt_text(prompt), options, loras=tuple(loras))
     problem = node.check(item)
     if problem:
         raise InvalidArgument(problem)

@@ -169,11 +169,8 @@ def parse_line(text: str, line: int, defaults: JobDefaults, base: Path) -> JobIt
     if not all(isinstance(p, str) for p in references):
         raise ValueError("'reference_images' must be a list of image file paths (FLUX.2 reference images)")
     loras = _loras(obj["loras"], base) if obj.get("loras") is not None else defaults.loras
-    item = JobItem(prompt=prompt, seed=options.seed, steps=options.steps, guidance=options.guidance,
-                   width=options.width, height=options.height, negative_prompt=options.negative_prompt,
-                   true_cfg_scale=options.true_cfg_scale, loras=loras,
-                   reference_images=tuple(absolute_path(p, base) for p in references), num_frames=options.num_frames,
-                   fps=options.fps, line=line, source=obj, id=obj.get("id"))
+    options.reference_images = tuple(absolute_path(p, base) for p in references)
+    item = JobItem.of(prompt, options, loras=loras, line=line, source=obj, id=obj.get("id"))
     item.key = item_key(defaults, item.params(), item.id)
     return item
 

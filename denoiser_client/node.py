@@ -12,13 +12,13 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from denoiser_client.errors import IncompatibleModel, InvalidArgument, OutOfGpuMemory
 from denoiser_client.lora import LoraAdapters, LoraRef
-from denoiser_client.options import DEFAULT_FPS, FRAMES_PER_LATENT
+from denoiser_client.options import DEFAULT_FPS, FRAMES_PER_LATENT, GenerateOptions
 from denoiser_client.pipeline import (family_of, handshake, load_denoiser, load_reference_images, negative_prompt_for,
                                       pick_encoder_model, run_pipeline, transformer_parameters)
 from denoiser_client.vram import PLANS, VramOptions, plan_named
@@ -30,22 +30,18 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RenderItem:
-    """What one image (or video) needs from the pipeline (job lines and `generate` both become these)."""
+class RenderItem(GenerateOptions):
+    """What one image (or video) needs from the pipeline: its prompt, its options and LoRAs (job lines and `generate`
+    both become these)."""
 
     prompt: str
-    seed: int = 0
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    negative_prompt: str | None = None
-    true_cfg_scale: float | None = None
     loras: tuple[LoraRef, ...] = ()
-    reference_images: tuple[str, ...] = ()
-    num_frames: int | None = None  # video pipelines
-    fps: int | None = None  # video pipelines: of the file written, not of the denoising
     negative_text: str | None = None  # what the pipeline's CFG rule needs encoded (set by `DenoiserNode.check`)
+
+    @classmethod
+    def of(cls, prompt: str, options: GenerateOptions, **extra) -> "RenderItem":
+        """An item with every option of `options` (and `extra` fields)."""
+        return cls(prompt=prompt, **{f.name: getattr(options, f.name) for f in fields(GenerateOptions)}, **extra)
 
 
 class CallBuilder:

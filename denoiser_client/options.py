@@ -25,9 +25,10 @@ FRAMES_PER_LATENT = 4  # Wan's VAE packs 4 frames into each latent frame after t
 MAX_FRAMES = 1001
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateOptions:
-    """One image's (video's) parameters; `None` means the pipeline's own default."""
+    """One image's (video's) parameters; `None` means the pipeline's own default. Keyword-only, so the items that
+    extend it (`node.RenderItem`, `jobs.JobItem`) put their own fields first."""
 
     seed: int = 0
     steps: int | None = None
