@@ -26,6 +26,8 @@ from shared.disk_cache import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
+UNWIND_SECONDS = 10.0  # most a drain waits, once the server has stopped, for the calls it cancelled to unwind
+
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     # Clients ping every 30s to find dead links (keepalive); without these the server would answer
@@ -172,7 +174,8 @@ class EncoderServer:
         return encoders
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let in-flight streams finish within `grace`."""
+        """Drain: NOT_SERVING, refuse new calls, let in-flight streams finish within `grace`, then cancel what is
+        left. The model workers and packing threads are released only once every call's handler has returned."""
         grace = self.config.grace if grace is None else grace
         logger.info("draining (grace %.1fs)", grace)
         self.service.draining = True
@@ -187,13 +190,26 @@ class EncoderServer:
         deadline = time.monotonic() + grace
         while self.calls.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.calls.active:
+            logger.warning("grace period over with %d calls in flight; cancelling them", self.calls.active)
         await self.server.stop(0)
         if self.health_server is not None:
             await self.health_server.stop(0)
+        # `stop(0)` cancels in gRPC's core every call still open; their handlers unwind on this loop afterwards.
+        # Closing the batchers and the packing threads before they have would fail or strand what they wait on.
+        await self._wait_for_calls(UNWIND_SECONDS)
         await self.service.close()
-        self.servicer.close()
+        await self.servicer.close()
         self.metrics.stop_http()
+        logger.info("drained")
         self.stopped.set()
+
+    async def _wait_for_calls(self, timeout: float) -> None:
+        tasks = set(self.calls.tasks)
+        if tasks:
+            _, running = await asyncio.wait(tasks, timeout=timeout)
+            if running:
+                logger.error("%d calls still running %.0fs after the server stopped", len(running), timeout)
 
     async def _watch_workers(self) -> None:
         """NOT_SERVING while a model's worker has been inside one batch longer than --gpu-timeout (a
@@ -236,6 +252,18 @@ class EncoderServer:
             self.metrics.stop_http()
             raise
         await self.stopped.wait()
+        await _finish_other_tasks(UNWIND_SECONDS)
+
+
+async def _finish_other_tasks(timeout: float) -> None:
+    """Let every other task of this loop end on its own before `asyncio.run` cancels what is left, so that none of
+    gRPC's per-call tasks is cancelled while it still waits on an operation in gRPC's core."""
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        _, running = await asyncio.wait(others, timeout=timeout)
+        if running:
+            logger.warning("%d tasks still running at exit: %s", len(running),
+                           ", ".join(sorted(t.get_name() for t in running)))
 
 
 def _noop() -> None:

@@ -3,6 +3,12 @@
 `Encode` answers with messages serialized off the event loop: every prompt of a request is packed (CRC32, framing:
 `pack_embedding`) on a worker thread at once, in parallel, while the loop streams the ones already packed. The
 loop, which every client's stream shares, then only hands finished bytes to gRPC.
+
+`Encode` writes with `context.write` (gRPC's writer API) rather than by yielding: a write that fails because the
+stream is gone (the client cancelled or went away, the connection was cut, the server is stopping) ends the handler
+there, as a cancelled call, and nothing more is written to that call. A yielding handler would leave the failed write
+to gRPC's own loop, which logs it as an error and abandons the handler's generators half-way, to be closed whenever
+the garbage collector gets to them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from grpc import aio
 
 from encoder_server.service import EmbeddingService, deadline_from, describe
 from shared.promptcast.v1 import encoder_pb2 as pb
@@ -39,8 +46,9 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         self.service = service
         self.packers = ThreadPoolExecutor(PACKING_THREADS, thread_name_prefix="pack")
 
-    def close(self) -> None:
-        self.packers.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
+        """Stop the packing threads, waiting for the one running (call once no `Encode` is left)."""
+        await asyncio.to_thread(self.packers.shutdown, wait=True, cancel_futures=True)
 
     async def ListModels(self, request, context):
         limit = self.service.limits.max_prompts_per_call
@@ -56,10 +64,20 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         try:
             for prompt in packed:
                 for message in await prompt:
-                    yield message
+                    await write(context, message)
         finally:
             for prompt in packed:
                 prompt.cancel()
+
+
+async def write(context, message: bytes) -> None:
+    """Send one message; if the stream is gone, end the call as cancelled (`asyncio.CancelledError`)."""
+    try:
+        await context.write(message)
+    except aio.AbortError:
+        raise
+    except aio.BaseError as e:  # the send failed in gRPC's core, or the call or the server has already ended
+        raise asyncio.CancelledError(f"the stream is gone ({type(e).__name__}); nothing more is sent") from None
 
 
 def _serialize_response(message: pb.EncodeResponse | bytes) -> bytes:
