@@ -159,7 +159,10 @@ def resources(samples: list[tuple[float, int, int]]) -> dict:
 
 def log_findings(path: pathlib.Path) -> dict:
     text = path.read_text(errors="replace")
-    return {"redis_unreachable": text.count("is unreachable"), "redis_back": text.count("is reachable again"),
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if "Traceback" in line or "ExecuteBatchError" in line]
+    excerpts = ["\n".join(lines[max(0, i - 2):i + 14]) for i in starts[:3]]
+    return {"log_excerpts": excerpts, "redis_unreachable": text.count("is unreachable"), "redis_back": text.count("is reachable again"),
             "tracebacks": text.count("Traceback"), "execute_batch_errors": text.count("ExecuteBatchError"),
             "encode_lines": text.count("promptcast.requests: encode")}
 

@@ -68,11 +68,23 @@ class _CountingContext:
         self._sent(message)
 
 
+async def abort(context: aio.ServicerContext, code: grpc.StatusCode, details: str):
+    """End the call with this status (raises `AbortError`). A call that has already ended on the client's side (its
+    deadline passed, it was cancelled, its connection cut) cannot take a status any more: it ends as cancelled."""
+    try:
+        await context.abort(code, details)
+    except aio.AbortError:
+        raise
+    except aio.BaseError as e:  # gRPC's core refused to send the status: there is no call left to send it to
+        raise asyncio.CancelledError(f"the call ended before its status {code.name} could be sent "
+                                     f"({type(e).__name__})") from None
+
+
 async def _abort(context: aio.ServicerContext, error: Exception, method: str):
     if isinstance(error, EncoderServerError):
-        await context.abort(error.code, str(error))
+        await abort(context, error.code, str(error))
     logger.exception("unexpected error in %s", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}: {error}")
+    await abort(context, grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}: {error}")
 
 
 class ErrorMappingInterceptor(aio.ServerInterceptor):
