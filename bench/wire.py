@@ -9,8 +9,8 @@ latency alternates rounds of gRPC and raw-socket transfers so both see the same 
 clients (threads over `--client-procs` processes, one channel each) ask for memory hits for `--seconds`: the
 aggregate rate the server streams at.
 
-    python bench/wire.py --out bench/results/wire.json
-    python bench/wire.py --iters 60 --clients 32 --client-procs 4 --seconds 8 --out /tmp/wire.json
+    python bench/wire.py --out bench/results/wire.json                   # any machine, about a minute
+    python bench/wire.py --pin --iters 150 --out bench/results/wire_cpu.json   # a small shared CPU machine
 """
 
 from __future__ import annotations
@@ -48,6 +48,23 @@ while True:
         conn.sendall(memoryview(payload)[:int.from_bytes(request, "little")])
     conn.close()
 """
+
+
+def add_client_options(options: list[str]) -> None:
+    """Give every channel this process opens these extra options (`NAME=INT` or `NAME=TEXT`): for trying gRPC
+    settings on the client side without changing `RemoteTextEncoder`."""
+    import grpc
+
+    parsed = [(name, int(value) if value.lstrip("-").isdigit() else value)
+              for name, _, value in (option.partition("=") for option in options)]
+    if not parsed:
+        return
+    plain = grpc.insecure_channel
+
+    def channel(target, options=None, *args, **kwargs):
+        return plain(target, [*(options or []), *parsed], *args, **kwargs)
+
+    grpc.insecure_channel = channel
 
 
 def prompt_of(name: str, i: int) -> str:
@@ -91,6 +108,12 @@ def start_server(model: str, cache_dir: pathlib.Path, extra: list[str]):
                 pass
             time.sleep(0.2)
     raise RuntimeError("the server did not start")
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    for pid in pids:
+        for task in os.listdir(f"/proc/{pid}/task"):  # every thread it has (new ones inherit from their creator)
+            os.sched_setaffinity(int(task), cpus)
 
 
 def raw_transfer(sock, view: memoryview, size: int) -> None:
@@ -137,9 +160,11 @@ def sequential(address: str, raw_port: int, sizes: dict[str, int], per_size: int
     return results
 
 
-def _hammer(address: str, name: str, threads: int, per_size: int, start_at: float, stop_at: float, out) -> None:
+def _hammer(address: str, name: str, threads: int, per_size: int, start_at: float, stop_at: float, out,
+            client_options: list[str]) -> None:
     """A client process: `threads` threads, one channel each, asking for memory hits until `stop_at`."""
     sys.path.insert(0, str(ROOT))
+    add_client_options(client_options)
     from denoiser_client import RemoteTextEncoder
 
     counts = [0] * threads
@@ -161,13 +186,14 @@ def _hammer(address: str, name: str, threads: int, per_size: int, start_at: floa
     out.put(sum(counts))
 
 
-def concurrent(address: str, name: str, size: int, clients: int, procs: int, per_size: int, seconds: float) -> dict:
+def concurrent(address: str, name: str, size: int, clients: int, procs: int, per_size: int, seconds: float,
+               client_options: list[str]) -> dict:
     spawn = mp.get_context("spawn")
     out = spawn.Queue()
     start_at = time.time() + 8 + procs
     stop_at = start_at + seconds
     threads = [clients // procs + (1 if p < clients % procs else 0) for p in range(procs)]
-    workers = [spawn.Process(target=_hammer, args=(address, name, n, per_size, start_at, stop_at, out))
+    workers = [spawn.Process(target=_hammer, args=(address, name, n, per_size, start_at, stop_at, out, client_options))
                for n in threads if n]
     for w in workers:
         w.start()
@@ -185,13 +211,17 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench/results/wire.json")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--entries", type=int, default=4, help="distinct entries per size")
-    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=32, help="0: sequential latency only")
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--server-arg", action="append", default=[], help="extra `promptcast serve` argument")
+    parser.add_argument("--client-option", action="append", default=[], help="extra channel option NAME=VALUE")
+    parser.add_argument("--pin", action="store_true", help="sequential part: servers (gRPC and raw) on CPU 0, this "
+                        "client on CPU 1, steadier figures on a small shared machine (the concurrent part is unpinned)")
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    add_client_options(args.client_option)
     from encoder_server.families import get_encoder
     from promptcast.tiny_models import make_tiny_model
 
@@ -205,11 +235,20 @@ def main() -> None:
     try:
         raw_port = int(raw.stdout.readline())
         server, address = start_server(model, work / "cache", args.server_arg)
+        every_cpu = os.sched_getaffinity(0)
+        if args.pin:
+            pin([raw.pid, server.pid], {0})
+            os.sched_setaffinity(0, {1})
         report = {"benchmark": "wire", "label": args.label, "cpu_count": os.cpu_count(),
                   "python": platform.python_version(), "server_args": args.server_arg,
-                  "sequential": sequential(address, raw_port, sizes, args.entries, args.iters),
-                  "concurrent": {name: concurrent(address, name, size, args.clients, args.client_procs,
-                                                  args.entries, args.seconds) for name, size in sizes.items()}}
+                  "client_options": args.client_option, "pinned_sequential": args.pin,
+                  "sequential": sequential(address, raw_port, sizes, args.entries, args.iters)}
+        if args.pin:
+            pin([server.pid], every_cpu)
+            os.sched_setaffinity(0, every_cpu)
+        report["concurrent"] = {name: concurrent(address, name, size, args.clients, args.client_procs, args.entries,
+                                                 args.seconds, args.client_option)
+                                for name, size in sizes.items()} if args.clients else {}
     finally:
         if server is not None:
             server.terminate()

@@ -1,8 +1,10 @@
 """The gRPC `TextEncoder` service: protobuf in, one domain call, protobuf out.
 
-`Encode` answers with messages serialized off the event loop: every prompt of a request is packed (CRC32, framing:
-`pack_embedding`) on a worker thread at once, in parallel, while the loop streams the ones already packed. The
-loop, which every client's stream shares, then only hands finished bytes to gRPC.
+`Encode` answers with messages serialized off the event loop. An embedding that has been through the memory tier (a
+hit, or a miss once it is stored) is already packed there (CRC32 and chunk messages): it only gets its header. Any
+other is packed (`pack_embedding`) on a worker thread, every prompt of the request at once, in parallel, while the
+loop streams the ones already packed. The loop, which every client's stream shares, then only hands finished bytes
+to gRPC.
 
 `Encode` writes with `context.write` (gRPC's writer API) rather than by yielding: a write that fails because the
 stream is gone (the client cancelled or went away, the connection was cut, the server is stopping) ends the handler
@@ -23,7 +25,7 @@ from grpc import aio
 from encoder_server.service import EmbeddingService, deadline_from, describe
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import CACHE_STATUS, DTYPE_NAMES, pack_embedding
+from shared.tensor_codec import CACHE_STATUS, DTYPE_NAMES, PackedEmbedding, pack_embedding
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 
@@ -59,7 +61,9 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
             request.model, list(request.prompts), list(request.prompts_2) or None, request.max_sequence_length,
             deadline=deadline_from(context.time_remaining()))
         loop = asyncio.get_running_loop()
-        packed = [loop.run_in_executor(self.packers, pack_embedding, index, e.key, CACHE_STATUS[e.cache_status],
+        packed = [_ready(pack_embedding(index, e.key, CACHE_STATUS[e.cache_status], e.tensors, e.seconds))
+                  if isinstance(e.tensors, PackedEmbedding) else  # a header to add: no thread hop
+                  loop.run_in_executor(self.packers, pack_embedding, index, e.key, CACHE_STATUS[e.cache_status],
                                        e.tensors, e.seconds) for index, e in enumerate(embeddings)]
         try:
             for prompt in packed:
@@ -68,6 +72,12 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         finally:
             for prompt in packed:
                 prompt.cancel()
+
+
+def _ready(value) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 async def write(context, message: bytes) -> None:
