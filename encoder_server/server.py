@@ -218,8 +218,9 @@ class EncoderServer:
         timeout = self.config.gpu_timeout
         while not self.service.draining:
             for name, batcher in list(self.service.batchers.items()):
-                # The worker is one thread: a no-op queued on it runs as soon as the current batch ends.
-                probe = asyncio.ensure_future(batcher.run_in_worker(_noop))
+                # The worker and the finishing thread are one thread each: a no-op queued on them runs as soon as
+                # the batch each has ends.
+                probe = asyncio.ensure_future(batcher.probe())
                 done, _ = await asyncio.wait({probe}, timeout=timeout)
                 if done:
                     continue
@@ -264,10 +265,6 @@ async def _finish_other_tasks(timeout: float) -> None:
         if running:
             logger.warning("%d tasks still running at exit: %s", len(running),
                            ", ".join(sorted(t.get_name() for t in running)))
-
-
-def _noop() -> None:
-    return None
 
 
 def health_status(channel: grpc.Channel, service: str = "", timeout: float = 2.0) -> str:
