@@ -87,6 +87,31 @@ async def _abort(context: aio.ServicerContext, error: Exception, method: str):
     await abort(context, grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(error).__name__}: {error}")
 
 
+class ClientGoneFilter(logging.Filter):
+    """gRPC logs an error with a traceback when it cannot send a promptcast call's final status (the handler has
+    returned) because the client has already gone: it cancelled, or its connection was cut, just after the last
+    message. That is the client's doing, not a fault of the server: such a record becomes one INFO line saying so.
+    Every other record passes unchanged (a failed write is the handler's to handle, and stays an error if it is not)."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method [" + PROMPTCAST_METHODS
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if (isinstance(record.msg, str) and record.msg.startswith(self.PREFIX) and error is not None
+                and "SendStatusFromServerOperation" in str(error) and "SendMessageOperation" not in str(error)):
+            method = record.msg[len("ExecuteBatchError raised in core by servicer method ["):].rstrip("]")
+            record.msg, record.args = "%s: the client went away before the call's status could be sent", (method,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+    @classmethod
+    def install(cls) -> None:
+        grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+        if not any(isinstance(f, cls) for f in grpc_logger.filters):
+            grpc_logger.addFilter(cls())
+
+
 class ErrorMappingInterceptor(aio.ServerInterceptor):
     """`InvalidInput` -> INVALID_ARGUMENT, `NotFound` -> NOT_FOUND, ..., anything else -> INTERNAL (logged)."""
 

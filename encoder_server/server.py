@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from encoder_server.cache import build_cache, default_memory_bytes
 from encoder_server.families import get_encoder
-from encoder_server.interceptors import CallCounter, ErrorMappingInterceptor
+from encoder_server.interceptors import CallCounter, ClientGoneFilter, ErrorMappingInterceptor
 from encoder_server.metrics import MetricsInterceptor, ServerMetrics
 from encoder_server.service import EmbeddingService, Limits
 from encoder_server.servicer import SERVICE_NAME, TextEncoderServicer, add_to_server
@@ -115,6 +115,7 @@ class EncoderServer:
         self.health = health.aio.HealthServicer()
         # Metrics outermost (refused calls are counted too), then the token check, then error mapping.
         self.calls = CallCounter()
+        ClientGoneFilter.install()
         chain = [self.calls, MetricsInterceptor(self.metrics), *([self.auth] if self.auth else []), *interceptors,
                  ErrorMappingInterceptor()]
         self.server = aio.server(interceptors=chain, options=SERVER_OPTIONS)

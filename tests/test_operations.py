@@ -266,12 +266,13 @@ def test_drain_exits_zero_when_stalled_streams_are_cancelled_during_the_grace_pe
     and the packing threads, and the process must exit 0 with nothing in its log that gRPC calls an error."""
     grace = 2.0
     servers = [server_process("--model", f"tiny-flux2={tiny_models['flux2']}", "--device", "cpu",
-                              "--grace", str(grace), "--cache-dir", "none") for _ in STALLED_DRAINS]
+                              "--grace", str(grace), "--cache-dir", "none", "--max-prompts-per-call", "256")
+               for _ in STALLED_DRAINS]
     for server in servers:
         server.wait_serving()
-    # 64 prompts x 512 tokens x 96 floats: 12.6 MB a stream, several times what flow control sends unread. One prompt
-    # 64 times: encoded once, streamed 64 times (each server's work is the stream, not the encode).
-    prompts = [f"stalled drain {uuid.uuid4()}"] * 64
+    # 256 prompts x 512 tokens x 96 floats: 50 MB a stream, many times what flow control and the sockets' buffers
+    # take unread. One prompt 256 times: encoded once, streamed 256 times (the work is the stream, not the encode).
+    prompts = [f"stalled drain {uuid.uuid4()}"] * 256
     channels, streams = [], []
     for server, (count, _) in zip(servers, STALLED_DRAINS):
         for _ in range(count):
@@ -402,3 +403,27 @@ def test_which_failures_are_rerequested_on_another_replica(code, details, retrie
     from denoiser_client.remote import _retriable
 
     assert _retriable(_Status(code, details)) is retried
+
+
+def test_a_status_the_client_left_before_is_one_info_line_and_a_failed_write_stays_an_error(caplog):
+    """gRPC logs an error when a call's final status cannot be sent because the client already went away (it
+    cancelled, or its connection was cut, right after the last message): the server says so in one INFO line. A
+    failed write of a message is not that case, and stays an error."""
+    from grpc._cython import cygrpc
+
+    from encoder_server.interceptors import ClientGoneFilter
+
+    ClientGoneFilter.install()
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    with caplog.at_level(logging.INFO, logger="grpc._cython.cygrpc"):
+        for operation in ("SendStatusFromServerOperation", "SendMessageOperation"):
+            try:
+                raise cygrpc.ExecuteBatchError(f'Failed "execute_batch": (<grpc._cython.cygrpc.{operation} object>,)')
+            except cygrpc.ExecuteBatchError:
+                grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]"
+                                   % "/promptcast.v1.TextEncoder/Encode")
+    status, write = [r for r in caplog.records if r.name == "grpc._cython.cygrpc"]
+    assert status.levelno == logging.INFO and status.exc_info is None
+    assert status.getMessage() == ("/promptcast.v1.TextEncoder/Encode: the client went away before the call's "
+                                   "status could be sent")
+    assert write.levelno == logging.ERROR and "ExecuteBatchError" in write.getMessage() and write.exc_info
