@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from encoder_server.interceptors import wrap_handler
+from encoder_server.interceptors import abort, wrap_handler
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
 
         @contextlib.asynccontextmanager
         async def refused(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)  # raises: the handler never runs
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, reason)  # raises: the handler never runs
             yield None  # pragma: no cover
 
         return wrap_handler(handler, refused)

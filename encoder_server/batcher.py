@@ -10,7 +10,10 @@ fit on its own fails, with `Overloaded`. Rows with NaN or Inf fail their request
 A variable-length output is a list of per-prompt tensors throughout; every other one a `(B, ...)` tensor.
 
 Every queue decision (accept, drop, merge) is made on the event loop's thread, so a request
-that joins a job and a worker that drops it never race; the worker thread only runs the model.
+that joins a job and a worker that drops it never race. The worker thread only tokenizes and queues
+each forward pass and its copy to (pinned) host memory, then takes the next batch; a finishing thread
+waits for the copy (one sync a batch, NaN/Inf flags computed on the device travel with it) and hands
+the rows out. Batches finish in order, with at most one on the device behind the one being launched.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class BatchStats:
     oom_splits: int = 0
     dropped: int = 0  # jobs dropped before GPU work (deadline passed, every waiter gone)
     max_batch_rows: int = 0
-    busy_seconds: float = 0.0  # time the worker spent encoding batches (utilization = its growth / wall time)
+    busy_seconds: float = 0.0  # time a batch was being encoded (utilization = its growth / wall time)
 
 
 class DynamicBatcher:
@@ -81,6 +84,9 @@ class DynamicBatcher:
         self._queue: deque[EncodeJob] = deque()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"encode-{encoder.name}")
+        # Waits for each batch's bytes on the host and hands its rows out, while the worker launches the next.
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"finish-{encoder.name}")
+        self._last_ready = 0.0
         self._task: asyncio.Task | None = None
 
     @property
@@ -99,6 +105,7 @@ class DynamicBatcher:
         while self._queue:
             _fail(self._queue.popleft().future, ModelNotReady("the server is shutting down; retry on another replica"))
         self._executor.shutdown(wait=True)
+        self._finisher.shutdown(wait=True)
 
     def submit(self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int,
                deadline: float | None = None) -> EncodeJob:
@@ -114,6 +121,13 @@ class DynamicBatcher:
     async def run_in_worker(self, fn, *args):
         """Run `fn(*args)` on this model's worker thread (warm-up, compile), between batches."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def probe(self) -> None:
+        """Return once the worker and the finishing thread have each come back from what they were doing: a batch
+        the device never finishes keeps this waiting (the GPU watchdog)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, _noop)
+        await loop.run_in_executor(self._finisher, _noop)
 
     def run_sync(self, prompts, prompts_2, max_sequence_length) -> dict[str, torch.Tensor]:
         """Encode outside the queue (warm-up, tests)."""
@@ -139,20 +153,16 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        running = None  # the worker's current batch: a future of [(job, rows or error)]
+        finishing = None  # the batch waiting on the device: a future of [(job, rows or error)]
         while True:
-            if running is None:
-                running = loop.run_in_executor(self._executor, self._execute, await self._next_batch())
-            outcomes = await running
-            # Start the next batch before handing these results out: serializing and sending them keeps the event
-            # loop busy for a while (4 MiB a FLUX.1 prompt), and the GPU should not wait for that.
-            batch = self._ready_batch()
-            running = None if batch is None else loop.run_in_executor(self._executor, self._execute, batch)
-            for job, outcome in outcomes:
-                if isinstance(outcome, Exception):
-                    _fail(job.future, outcome)
-                else:
-                    _succeed(job.future, outcome)
+            launched = await loop.run_in_executor(self._executor, self._launch, await self._next_batch())
+            # Batches finish in order, and at most one waits on the device while the worker launches the next: its
+            # tokenization and forward are queued behind the one running, and the copy of that one to the host, the
+            # NaN verdicts and the hand-out happen off the worker thread.
+            if finishing is not None:
+                await asyncio.shield(finishing)
+            finishing = loop.run_in_executor(self._finisher, self._finish, launched)
+            finishing.add_done_callback(_hand_out)
 
     async def _next_batch(self) -> list[EncodeJob]:
         while (batch := self._ready_batch()) is None:
@@ -209,62 +219,81 @@ class DynamicBatcher:
             self.stats.dropped += 1
         self._queue = live
 
-    def _execute(self, batch: list[EncodeJob]) -> list[tuple[EncodeJob, dict | Exception]]:
-        """Worker thread: encode the batch; each job's rows or error (the event loop hands them out)."""
+    def _launch(self, batch: list[EncodeJob]) -> "_Launched":
+        """Worker thread: tokenize and queue the batch's forward, and its copy to the host; returns without waiting
+        for the device (on the CPU, once it is done)."""
         queue_seconds = time.monotonic() - min(job.enqueued_at for job in batch)
         rows = sum(job.rows for job in batch)
-        started = time.perf_counter()
         self.stats.batches += 1
         self.stats.prompts += rows
         self.stats.max_batch_rows = max(self.stats.max_batch_rows, rows)
-        outcomes = list(self._encode_jobs(batch))
-        seconds = time.perf_counter() - started
-        self.stats.busy_seconds += seconds
+        return _Launched(rows, queue_seconds, time.perf_counter(), list(self._encode_jobs(batch)))
+
+    def _finish(self, launched: "_Launched") -> list[tuple[EncodeJob, dict | Exception]]:
+        """Finishing thread: wait for the batch's bytes on the host (the one sync of the batch), then give each job
+        its rows, or its error (NaN/Inf, a failure of the device)."""
+        outcomes = []
+        for step in launched.steps:
+            outcomes.extend(self._job_rows(step) if isinstance(step, _OnDevice) else [step])
+        ended = time.perf_counter()
+        self.stats.busy_seconds += ended - max(launched.started, self._last_ready)  # overlaps counted once
+        self._last_ready = ended
         if self.on_batch is not None:
-            self.on_batch(rows, queue_seconds, seconds)
+            self.on_batch(launched.rows, launched.queue_seconds, ended - launched.started)
         return outcomes
 
     def _encode_jobs(self, jobs: list[EncodeJob]):
-        """Yield (job, rows or error). On OOM: halve the jobs; a lone job is encoded in halves of
-        its prompts; a lone prompt that still does not fit fails with `Overloaded`."""
+        """Yield `_OnDevice` batches and (job, error) pairs. On OOM: halve the jobs; a lone job is encoded in halves
+        of its prompts; a lone prompt that still does not fit fails with `Overloaded`."""
         prompts = [p for job in jobs for p in job.prompts]
         prompts_2 = None if jobs[0].prompts_2 is None else [p for job in jobs for p in job.prompts_2]
         try:
-            out, finite = self._encode_rows(prompts, prompts_2, jobs[0].max_sequence_length)
+            on_device = self._launch_rows(jobs, prompts, prompts_2, jobs[0].max_sequence_length)
         except torch.OutOfMemoryError:
-            out = None  # retried outside the handler: its traceback pins the failed batch's activations
+            on_device = None  # retried outside the handler: its traceback pins the failed batch's activations
         except Exception as e:  # noqa: BLE001 - every job of the batch must learn what happened
             logger.exception("encode failed on model %r", self.encoder.name)
             error = EncodeFailed(f"encode failed on model {self.encoder.name!r}: {type(e).__name__}: {e}")
             yield from ((job, error) for job in jobs)
             return
-        if out is None:
-            _empty_cache(self.encoder.device)
-            self.stats.oom_splits += 1
-            if len(jobs) > 1:
-                logger.warning("out of memory on a batch of %d requests (%d prompts); splitting it",
-                               len(jobs), len(prompts))
-                yield from self._encode_jobs(jobs[:len(jobs) // 2])
-                yield from self._encode_jobs(jobs[len(jobs) // 2:])
-            elif len(prompts) > 1:
-                logger.warning("out of memory on one request of %d prompts; encoding it in halves", len(prompts))
-                yield jobs[0], self._encode_halves(jobs[0])
-            else:
-                yield jobs[0], self._too_large(jobs[0])
+        if on_device is not None:
+            yield on_device
             return
-        start = 0
-        for job in jobs:
+        _empty_cache(self.encoder.device)
+        self.stats.oom_splits += 1
+        if len(jobs) > 1:
+            logger.warning("out of memory on a batch of %d requests (%d prompts); splitting it",
+                           len(jobs), len(prompts))
+            yield from self._encode_jobs(jobs[:len(jobs) // 2])
+            yield from self._encode_jobs(jobs[len(jobs) // 2:])
+        elif len(prompts) > 1:
+            logger.warning("out of memory on one request of %d prompts; encoding it in halves", len(prompts))
+            yield jobs[0], self._encode_halves(jobs[0])
+        else:
+            yield jobs[0], self._too_large(jobs[0])
+
+    def _job_rows(self, on_device: "_OnDevice"):
+        """Each job's rows of a batch, once they are on the host; rows with NaN or Inf fail their job."""
+        try:
+            on_device.wait()
+        except Exception as e:  # noqa: BLE001 - the device failed this batch (an illegal access, a lost device)
+            logger.exception("encode failed on model %r", self.encoder.name)
+            error = EncodeFailed(f"encode failed on model {self.encoder.name!r}: {type(e).__name__}: {e}")
+            return [(job, error) for job in on_device.jobs]
+        outcomes, start = [], 0
+        for job in on_device.jobs:
             end = start + job.rows
-            rows = {name: t[start:end] for name, t in out.items()}
-            bad = [name for name, ok in finite.items() if not bool(ok[start:end].all())]
+            rows = {name: t[start:end] for name, t in on_device.host.items()}
+            bad = [name for name, ok in on_device.finite.items() if not bool(ok[start:end].all())]
             start = end
             if bad:
                 logger.error("model %r produced NaN/Inf in %s; not sent, not cached", self.encoder.name, bad)
-                yield job, EncodeFailed(
+                outcomes.append((job, EncodeFailed(
                     f"model {self.encoder.name!r} produced NaN or Inf in {', '.join(bad)}; refusing to send or cache "
-                    "it (with --dtype fp16 T5 overflows: use bf16 or fp32)")
+                    "it (with --dtype fp16 T5 overflows: use bf16 or fp32)")))
             else:
-                yield job, rows
+                outcomes.append((job, rows))
+        return outcomes
 
     def _encode_halves(self, job: EncodeJob):
         half = job.rows // 2
@@ -272,7 +301,8 @@ class DynamicBatcher:
         for lo, hi in ((0, half), (half, job.rows)):
             sub = EncodeJob(job.prompts[lo:hi], None if job.prompts_2 is None else job.prompts_2[lo:hi],
                             job.max_sequence_length, job.deadline, job.future)
-            [(_, outcome)] = self._encode_jobs([sub])
+            [step] = self._encode_jobs([sub])
+            [(_, outcome)] = self._job_rows(step) if isinstance(step, _OnDevice) else [step]
             if isinstance(outcome, Exception):
                 return outcome
             parts.append(outcome)
@@ -283,15 +313,38 @@ class DynamicBatcher:
                           f"{self.encoder.device} memory on model {self.encoder.name!r}; send a shorter "
                           "max_sequence_length or use a server with more memory")
 
-    def _encode_rows(self, prompts, prompts_2, max_sequence_length):
-        """One forward pass; CPU tensors and, per float output, which rows are all finite (checked
-        on the device, so the CPU never scans the bytes)."""
+    def _launch_rows(self, jobs, prompts, prompts_2, max_sequence_length) -> "_OnDevice":
+        """One forward pass, and per float output which rows are all finite, checked on the device (the CPU never
+        scans the bytes): all of it queued for the host in one go, on the device's stream."""
         self.stats.encodes += 1
         out = self.encoder.encode(prompts, prompts_2, max_sequence_length)
         finite = {name: _finite_rows(t) for name, t in out.items() if _floating(t)}
-        host = _to_cpu({**out, **{f"finite:{name}": ok for name, ok in finite.items()}})  # one sync for all
-        return {name: host[name] for name in out}, {name: host[f"finite:{name}"] for name in finite}
+        host, ready = _copy_to_host({**out, **{f"finite:{name}": ok for name, ok in finite.items()}})
+        return _OnDevice(jobs, {name: host[name] for name in out}, {name: host[f"finite:{name}"] for name in finite},
+                         ready)
 
+
+@dataclass
+class _OnDevice:
+    """A batch whose outputs are on their way to the host: `wait()`, then read `host` and `finite`."""
+
+    jobs: list[EncodeJob]
+    host: dict[str, torch.Tensor]  # pinned buffers, filled by a copy queued on the device's stream
+    finite: dict[str, torch.Tensor]
+    ready: object = None  # a CUDA event recorded after the copies; None once (or when) the bytes are on the host
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+
+
+@dataclass
+class _Launched:
+    rows: int
+    queue_seconds: float
+    started: float
+    steps: list  # _OnDevice batches and (job, error) pairs, in the batch's order
 
 def _floating(value: torch.Tensor | list[torch.Tensor]) -> bool:
     return (value[0] if isinstance(value, list) else value).is_floating_point()
@@ -308,28 +361,54 @@ def _concat(parts: list[torch.Tensor | list[torch.Tensor]]) -> torch.Tensor | li
     return [t for part in parts for t in part] if isinstance(parts[0], list) else torch.cat(parts)
 
 
-def _to_cpu(out: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """The outputs on the host. From a GPU they are copied into pinned memory (PyTorch's caching host allocator reuses
-    its blocks), several times faster than a pageable copy: 128 MiB a FLUX.1 batch of 32."""
-    host, streams = {}, set()
+def _copy_to_host(out: dict[str, torch.Tensor | list[torch.Tensor]]) -> tuple[dict, object]:
+    """Queue the outputs' copy to the host (a variable-length output's tensors one by one): pinned memory from a GPU
+    (PyTorch's caching host allocator reuses its blocks; several times faster than pageable: 128 MiB a FLUX.1 batch
+    of 32), without waiting. Returns the host tensors and a CUDA event that completes with the copies (None from the
+    CPU: already there)."""
+    host, devices = {}, []
 
     def copy(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
         if not t.is_cuda:
             return t.to("cpu")
-        streams.add(torch.cuda.current_stream(t.device))
+        devices.append(t.device)  # a model's outputs are on one device: one stream, one event
         return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
     for name, value in out.items():
         host[name] = [copy(t) for t in value] if isinstance(value, list) else copy(value)
-    for stream in streams:
-        stream.synchronize()
+    device = devices[0] if devices else None
+    if device is None:
+        return host, None
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(device))
+    return host, ready
+
+
+def _to_cpu(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The outputs on the host, waited for (warm-up, benchmarks)."""
+    host, ready = _copy_to_host(out)
+    _ = ready is not None and ready.synchronize()
     return host
+
+
+def _hand_out(finished: asyncio.Future) -> None:
+    if finished.cancelled():
+        return
+    for job, outcome in finished.result():
+        if isinstance(outcome, Exception):
+            _fail(job.future, outcome)
+        else:
+            _succeed(job.future, outcome)
 
 
 def _empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _noop() -> None:
+    return None
 
 
 def _succeed(future: asyncio.Future, value) -> None:

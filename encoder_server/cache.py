@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from shared.tensor_codec import PackedEmbedding, pack_tensors
+
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
@@ -43,7 +45,8 @@ def default_memory_bytes() -> int:
 
 
 class MemoryTier:
-    """LRU bounded in bytes."""
+    """LRU bounded in bytes. Entries are kept as they go on the wire (`PackedEmbedding`: checksums computed, chunk
+    messages serialized), so a hit is sent with no CRC and no copy; `get` rebuilds tensors for other readers."""
 
     name = "memory"
     fast = True  # cheap enough to consult on the event loop (single flight re-checks it)
@@ -51,33 +54,41 @@ class MemoryTier:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[str, Tensors] = OrderedDict()
+        self._entries: OrderedDict[str, PackedEmbedding] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> Tensors | None:
+    def get_packed(self, key: str) -> PackedEmbedding | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
 
-    def put(self, key: str, tensors: Tensors) -> None:
-        size = nbytes(tensors)
+    def get(self, key: str) -> Tensors | None:
+        entry = self.get_packed(key)
+        return None if entry is None else entry.tensors()
+
+    def put(self, key: str, tensors: Tensors | PackedEmbedding) -> PackedEmbedding | None:
+        """Keep `tensors` (packing them: the chunks own their bytes, so a row view of a batch never keeps the whole
+        batch alive); the packed entry, or None when it is larger than the whole bound."""
+        if not isinstance(tensors, PackedEmbedding) and nbytes(tensors) > self.max_bytes:
+            return None
+        packed = tensors if isinstance(tensors, PackedEmbedding) else pack_tensors(tensors)
+        size = packed.nbytes
         if size > self.max_bytes:
-            return
-        # Own the storage: a row view would keep its whole batch alive and break the byte bound.
-        tensors = {name: t.clone() for name, t in tensors.items()}
+            return None
         with self._lock:
             if key in self._entries:
-                self.bytes -= nbytes(self._entries.pop(key))
-            self._entries[key] = tensors
+                self.bytes -= self._entries.pop(key).nbytes
+            self._entries[key] = packed
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
-                self.bytes -= nbytes(evicted)
+                self.bytes -= evicted.nbytes
+        return packed
 
     def clear(self) -> None:
         with self._lock:
@@ -101,13 +112,13 @@ class EmbeddingCache:
         """Whether a lookup can need I/O (disk, Redis): then it belongs on a worker thread."""
         return any(not getattr(tier, "fast", False) for tier in self.tiers)
 
-    def get_fast(self, key: str) -> tuple[Tensors, str] | None:
-        """Look only in the in-process tiers (no I/O): safe to call on the event loop."""
+    def get_fast(self, key: str) -> tuple[Tensors | PackedEmbedding, str] | None:
+        """Look only in the in-process tiers (no I/O): safe to call on the event loop. A memory hit comes packed."""
         for tier in self.tiers:
             if getattr(tier, "fast", False):
-                tensors = tier.get(key)
-                if tensors is not None:
-                    return tensors, tier.name
+                found = tier.get_packed(key) if hasattr(tier, "get_packed") else tier.get(key)
+                if found is not None:
+                    return found, tier.name
         return None
 
     def stats(self) -> dict[str, dict]:
@@ -120,7 +131,8 @@ class EmbeddingCache:
                 out[tier.name] = tier.stats()
         return out
 
-    def get(self, key: str) -> tuple[Tensors, str] | None:
+    def get(self, key: str) -> tuple[Tensors | PackedEmbedding, str] | None:
+        """The first tier's hit (packed when the memory tier above it was filled with it), and that tier's name."""
         for level, tier in enumerate(self.tiers):
             try:
                 tensors = tier.get(key)
@@ -128,24 +140,27 @@ class EmbeddingCache:
                 logger.exception("cache tier %s failed on get; treating as a miss", tier.name)
                 continue
             if tensors is not None:
-                self._fill(self.tiers[:level], key, tensors)
-                return tensors, tier.name
+                packed = self._fill(self.tiers[:level], key, tensors)
+                return packed or tensors, tier.name
         return None
 
-    def put(self, key: str, tensors: Tensors) -> None:
-        self._fill(self.tiers, key, tensors)
+    def put(self, key: str, tensors: Tensors) -> PackedEmbedding | None:
+        """Store in every tier; the memory tier's packed entry, if there is one (send that: it is packed already)."""
+        return self._fill(self.tiers, key, tensors)
 
-    def _fill(self, tiers: list[CacheTier], key: str, tensors: Tensors) -> None:
+    def _fill(self, tiers: list[CacheTier], key: str, tensors: Tensors) -> PackedEmbedding | None:
         """In-process tiers at once (a request that follows must find the entry); disk and Redis on the
         background thread, so no answer waits for an fsync or a network round trip."""
-        slow = []
+        slow, packed = [], None
         for tier in tiers:
             if getattr(tier, "fast", False):
-                self._put(tier, key, tensors)
+                stored = self._put(tier, key, tensors)
+                packed = stored if isinstance(stored, PackedEmbedding) else packed
             else:
                 slow.append(tier)
         if slow:
             self._refill.submit(self._put_slow, slow, key, tensors)
+        return packed
 
     def flush(self) -> None:
         """Wait for the background writes queued so far (tests, shutdown)."""
@@ -170,11 +185,12 @@ class EmbeddingCache:
             cls._put(tier, key, data, tier.put_packed)
 
     @staticmethod
-    def _put(tier: CacheTier, key: str, value, put=None) -> None:
+    def _put(tier: CacheTier, key: str, value, put=None):
         try:
-            (put or tier.put)(key, value)
+            return (put or tier.put)(key, value)
         except Exception:  # noqa: BLE001
             logger.exception("cache tier %s failed on put", tier.name)
+            return None
 
 
 def build_cache(mem_bytes: int, directory=None, disk_max_bytes: int = 0, redis_url: str | None = None

@@ -156,7 +156,7 @@ class HttpGateway:
         embeddings = await self._unless_gone(request, self.service.encode(model, prompts))
         if safetensors:
             return await self._safetensors(self.service.model(model), embeddings)
-        data = await self._off_loop(_torch_save, _stacked(embeddings, ["prompt_embeds"])["prompt_embeds"])
+        data = await self._off_loop(lambda: _torch_save(_stacked(_rows(embeddings), ["prompt_embeds"])["prompt_embeds"]))
         return Response(data, media_type=TORCH_SAVE, headers=_cache_headers(embeddings))
 
     async def _encode(self, request: Request, call) -> Response:
@@ -243,9 +243,8 @@ class HttpGateway:
                     "cache_status": json.dumps([e.cache_status for e in embeddings]),
                     "cache_keys": json.dumps([e.key for e in embeddings])}
         layouts = {o.name: o.layout for o in encoder.outputs}
-        metadata["collate"] = json.dumps({name: layouts[name].collate for name in embeddings[0].tensors},
-                                         sort_keys=True)
-        data = await self._off_loop(lambda: safetensors_bytes(_batched(embeddings, layouts), metadata))
+        metadata["collate"] = json.dumps({o.name: o.layout.collate for o in encoder.outputs}, sort_keys=True)
+        data = await self._off_loop(lambda: safetensors_bytes(_batched(_rows(embeddings), layouts), metadata))
         return Response(data, media_type=SAFETENSORS, headers=_cache_headers(embeddings))
 
     async def _off_loop(self, fn, *args):
@@ -316,13 +315,18 @@ def _accepts(header: str, media_type: str) -> bool:
     return False
 
 
-def _batched(embeddings, layouts) -> dict[str, torch.Tensor]:
-    """Every output of the prompts' embeddings in its safetensors form: stacked, padded with its mask, or one tensor a
+def _rows(embeddings) -> list[dict[str, torch.Tensor]]:
+    """Each prompt's tensors (a memory hit is rebuilt from its wire form: a copy, made off the event loop)."""
+    return [e.tensor_dict() for e in embeddings]
+
+
+def _batched(prompts: list[dict[str, torch.Tensor]], layouts) -> dict[str, torch.Tensor]:
+    """Every output of the prompts' tensors in its safetensors form: stacked, padded with its mask, or one tensor a
     prompt (`NAME.i`)."""
-    out = _stacked(embeddings, [n for n in embeddings[0].tensors if layouts[n].collate not in (PAD, LIST)])
-    for name in embeddings[0].tensors:
+    out = _stacked(prompts, [n for n in prompts[0] if layouts[n].collate not in (PAD, LIST)])
+    for name in prompts[0]:
         layout = layouts[name]
-        rows = [e.tensors[name] for e in embeddings]
+        rows = [p[name] for p in prompts]
         if layout.collate == LIST:
             out.update({f"{name}.{i}": row.contiguous() for i, row in enumerate(rows)})
         elif layout.collate == PAD:
@@ -332,12 +336,12 @@ def _batched(embeddings, layouts) -> dict[str, torch.Tensor]:
     return out
 
 
-def _stacked(embeddings, names) -> dict[str, torch.Tensor]:
+def _stacked(prompts: list[dict[str, torch.Tensor]], names) -> dict[str, torch.Tensor]:
     """(B, ...) tensors that own exactly their bytes: torch.save writes a tensor's whole storage, and a miss's row is
-    a view of its whole batch. One prompt whose row already owns its storage (a memory hit) is not copied."""
+    a view of its whole batch. One prompt whose row already owns its storage (a rebuilt memory hit) is not copied."""
     out = {}
     for name in names:
-        rows = [e.tensors[name] for e in embeddings]
+        rows = [p[name] for p in prompts]
         row = rows[0]
         owns = row.is_contiguous() and row.storage_offset() == 0 and row.untyped_storage().nbytes() == row.nbytes
         out[name] = row.unsqueeze(0) if len(rows) == 1 and owns else torch.stack(rows)

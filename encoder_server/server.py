@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from encoder_server.cache import build_cache, default_memory_bytes
 from encoder_server.families import get_encoder
-from encoder_server.interceptors import CallCounter, ErrorMappingInterceptor
+from encoder_server.interceptors import CallCounter, ClientGoneFilter, ErrorMappingInterceptor
 from encoder_server.metrics import MetricsInterceptor, ServerMetrics
 from encoder_server.service import EmbeddingService, Limits
 from encoder_server.servicer import SERVICE_NAME, TextEncoderServicer, add_to_server
@@ -25,6 +25,8 @@ from shared.config import check_port, parse_dtype
 from shared.disk_cache import default_cache_dir
 
 logger = logging.getLogger(__name__)
+
+UNWIND_SECONDS = 10.0  # most a drain waits, once the server has stopped, for the calls it cancelled to unwind
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
@@ -114,6 +116,7 @@ class EncoderServer:
         self.health = health.aio.HealthServicer()
         # Metrics outermost (refused calls are counted too), then the token check, then error mapping.
         self.calls = CallCounter()
+        ClientGoneFilter.install()
         chain = [self.calls, MetricsInterceptor(self.metrics), *([self.auth] if self.auth else []), *interceptors,
                  ErrorMappingInterceptor()]
         self.server = aio.server(interceptors=chain, options=SERVER_OPTIONS)
@@ -189,7 +192,8 @@ class EncoderServer:
         return encoders
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let in-flight streams finish within `grace`."""
+        """Drain: NOT_SERVING, refuse new calls, let in-flight streams finish within `grace`, then cancel what is
+        left. The model workers and packing threads are released only once every call's handler has returned."""
         grace = self.config.grace if grace is None else grace
         logger.info("draining (grace %.1fs)", grace)
         self.service.draining = True
@@ -204,15 +208,28 @@ class EncoderServer:
         deadline = time.monotonic() + grace
         while self.active_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.calls.active:
+            logger.warning("grace period over with %d calls in flight; cancelling them", self.calls.active)
         await self.server.stop(0)
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.gateway is not None:
             await self.gateway.stop()
+        # `stop(0)` cancels in gRPC's core every call still open; their handlers unwind on this loop afterwards.
+        # Closing the batchers and the packing threads before they have would fail or strand what they wait on.
+        await self._wait_for_calls(UNWIND_SECONDS)
         await self.service.close()
-        self.servicer.close()
+        await self.servicer.close()
         self.metrics.stop_http()
+        logger.info("drained")
         self.stopped.set()
+
+    async def _wait_for_calls(self, timeout: float) -> None:
+        tasks = set(self.calls.tasks)
+        if tasks:
+            _, running = await asyncio.wait(tasks, timeout=timeout)
+            if running:
+                logger.error("%d calls still running %.0fs after the server stopped", len(running), timeout)
 
     async def _watch_workers(self) -> None:
         """NOT_SERVING while a model's worker has been inside one batch longer than --gpu-timeout (a
@@ -221,8 +238,9 @@ class EncoderServer:
         timeout = self.config.gpu_timeout
         while not self.service.draining:
             for name, batcher in list(self.service.batchers.items()):
-                # The worker is one thread: a no-op queued on it runs as soon as the current batch ends.
-                probe = asyncio.ensure_future(batcher.run_in_worker(_noop))
+                # The worker and the finishing thread are one thread each: a no-op queued on them runs as soon as
+                # the batch each has ends.
+                probe = asyncio.ensure_future(batcher.probe())
                 done, _ = await asyncio.wait({probe}, timeout=timeout)
                 if done:
                     continue
@@ -257,10 +275,18 @@ class EncoderServer:
             self.metrics.stop_http()
             raise
         await self.stopped.wait()
+        await _finish_other_tasks(UNWIND_SECONDS)
 
 
-def _noop() -> None:
-    return None
+async def _finish_other_tasks(timeout: float) -> None:
+    """Let every other task of this loop end on its own before `asyncio.run` cancels what is left, so that none of
+    gRPC's per-call tasks is cancelled while it still waits on an operation in gRPC's core."""
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        _, running = await asyncio.wait(others, timeout=timeout)
+        if running:
+            logger.warning("%d tasks still running at exit: %s", len(running),
+                           ", ".join(sorted(t.get_name() for t in running)))
 
 
 def _bind(server, host: str, port: int, credentials, option: str) -> int:

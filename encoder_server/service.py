@@ -15,6 +15,7 @@ from encoder_server.cache import EmbeddingCache, Tensors
 from encoder_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, NotFound, RequestTooLarge
 from encoder_server.families import Encoder
 from shared.cache_keys import embedding_key
+from shared.tensor_codec import PackedEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,12 @@ class Limits:
 class Embedding:
     key: str
     cache_status: str  # "miss", "memory", "disk", "redis"
-    tensors: Tensors
+    tensors: Tensors | PackedEmbedding  # packed once it has been through the memory tier: ready for the wire
     seconds: float = 0.0  # server time: queue + encode for a miss, lookup for a hit
+
+    def tensor_dict(self) -> Tensors:
+        """The tensors themselves, rebuilt (a copy) when the memory tier holds them in their wire form."""
+        return self.tensors.tensors() if isinstance(self.tensors, PackedEmbedding) else self.tensors
 
 
 class EmbeddingService:
@@ -217,7 +222,9 @@ class EmbeddingService:
 
     def _store(self, embeddings: list[Embedding]) -> None:
         for embedding in embeddings:
-            self.cache.put(embedding.key, embedding.tensors)
+            packed = self.cache.put(embedding.key, embedding.tensors)
+            if packed is not None:
+                embedding.tensors = packed  # packed by the memory tier: the answer is sent from it as it is
 
 
 def describe(encoder: Encoder) -> dict:

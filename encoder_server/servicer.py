@@ -1,8 +1,16 @@
 """The gRPC `TextEncoder` service: protobuf in, one domain call, protobuf out.
 
-`Encode` answers with messages serialized off the event loop: every prompt of a request is packed (CRC32, framing:
-`pack_embedding`) on a worker thread at once, in parallel, while the loop streams the ones already packed. The
-loop, which every client's stream shares, then only hands finished bytes to gRPC.
+`Encode` answers with messages serialized off the event loop. An embedding that has been through the memory tier (a
+hit, or a miss once it is stored) is already packed there (CRC32 and chunk messages): it only gets its header. Any
+other is packed (`pack_embedding`) on a worker thread, every prompt of the request at once, in parallel, while the
+loop streams the ones already packed. The loop, which every client's stream shares, then only hands finished bytes
+to gRPC.
+
+`Encode` writes with `context.write` (gRPC's writer API) rather than by yielding: a write that fails because the
+stream is gone (the client cancelled or went away, the connection was cut, the server is stopping) ends the handler
+there, as a cancelled call, and nothing more is written to that call. A yielding handler would leave the failed write
+to gRPC's own loop, which logs it as an error and abandons the handler's generators half-way, to be closed whenever
+the garbage collector gets to them.
 """
 
 from __future__ import annotations
@@ -12,11 +20,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from grpc import aio
 
 from encoder_server.service import EmbeddingService, deadline_from, describe
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import CACHE_STATUS, CHUNK_BYTES, COLLATE, DTYPE_NAMES, pack_embedding
+from shared.tensor_codec import CACHE_STATUS, CHUNK_BYTES, COLLATE, DTYPE_NAMES, PackedEmbedding, pack_embedding
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 
@@ -40,8 +49,9 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         self.service = service
         self.packers = ThreadPoolExecutor(PACKING_THREADS, thread_name_prefix="pack")
 
-    def close(self) -> None:
-        self.packers.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
+        """Stop the packing threads, waiting for the one running (call once no `Encode` is left)."""
+        await asyncio.to_thread(self.packers.shutdown, wait=True, cancel_futures=True)
 
     async def ListModels(self, request, context):
         limit = self.service.limits.max_prompts_per_call
@@ -53,16 +63,35 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
             deadline=deadline_from(context.time_remaining()))
         variable = self.service.variable_outputs(request.model)
         loop = asyncio.get_running_loop()
-        packed = [loop.run_in_executor(self.packers, pack_embedding, index, e.key, CACHE_STATUS[e.cache_status],
+        packed = [_ready(pack_embedding(index, e.key, CACHE_STATUS[e.cache_status], e.tensors, e.seconds, CHUNK_BYTES,
+                                        variable))
+                  if isinstance(e.tensors, PackedEmbedding) else  # a header to add: no thread hop
+                  loop.run_in_executor(self.packers, pack_embedding, index, e.key, CACHE_STATUS[e.cache_status],
                                        e.tensors, e.seconds, CHUNK_BYTES, variable)
                   for index, e in enumerate(embeddings)]
         try:
             for prompt in packed:
                 for message in await prompt:
-                    yield message
+                    await write(context, message)
         finally:
             for prompt in packed:
                 prompt.cancel()
+
+
+def _ready(value) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+async def write(context, message: bytes) -> None:
+    """Send one message; if the stream is gone, end the call as cancelled (`asyncio.CancelledError`)."""
+    try:
+        await context.write(message)
+    except aio.AbortError:
+        raise
+    except aio.BaseError as e:  # the send failed in gRPC's core, or the call or the server has already ended
+        raise asyncio.CancelledError(f"the stream is gone ({type(e).__name__}); nothing more is sent") from None
 
 
 def _serialize_response(message: pb.EncodeResponse | bytes) -> bytes:

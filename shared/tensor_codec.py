@@ -14,6 +14,7 @@ import math
 import sys
 import zlib
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -86,19 +87,61 @@ def chunk_message(piece: memoryview) -> bytes:
     return b"".join((_CHUNK_TAG, _varint(piece.nbytes), piece))
 
 
-def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor], server_seconds: float = 0.0,
-                   chunk_bytes: int = CHUNK_BYTES, variable: Collection[str] = ()) -> list[bytes]:
-    """One prompt's messages, serialized: its header, then its bytes in chunks. CRC32 and zlib release the GIL, so the
-    server packs prompts on worker threads in parallel and its event loop only hands the bytes to gRPC. `variable`
-    names the variable-length outputs, whose specs say so."""
+@dataclass(frozen=True, eq=False)
+class PackedEmbedding:
+    """One prompt's tensors as they go on the wire, packed once and sent as often as asked: per tensor (name, dtype
+    name, shape, byte length, checksum), and the serialized chunk messages that carry their bytes, in that order.
+
+    The chunks own their bytes (nothing points back into the batch the tensors came from); `nbytes` is the tensors'
+    bytes they carry (their framing adds 2-5 bytes a chunk); `tensors()` rebuilds the tensors from them (a copy)."""
+
+    specs: tuple[tuple[str, str, tuple[int, ...], int, str], ...]
+    chunks: tuple[bytes, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec[3] for spec in self.specs)
+
+    def tensor_specs(self, variable: Collection[str] = ()) -> list[pb.TensorSpec]:
+        """The header's specs; `variable` names the variable-length outputs, whose specs say so."""
+        return [pb.TensorSpec(name=name, dtype=dtype, shape=list(shape), byte_length=length, checksum=crc,
+                              variable_length=name in variable)
+                for name, dtype, shape, length, crc in self.specs]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        chunks, out = iter(self.chunks), {}
+        for name, dtype, shape, length, _ in self.specs:
+            data = bytearray(length)
+            filled = 0
+            while filled < length:
+                payload = decode_response(next(chunks))
+                data[filled:filled + payload.nbytes] = payload
+                filled += payload.nbytes
+            out[name] = (torch.frombuffer(data, dtype=DTYPES[dtype]) if length else
+                         torch.empty(0, dtype=DTYPES[dtype])).reshape(shape)
+        return out
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> PackedEmbedding:
+    """CRC32 and chunk one prompt's CPU tensors (both release the GIL for most of their time: threads run them in
+    parallel)."""
     buffers = {name: tensor_bytes(t) for name, t in tensors.items()}
-    specs = [pb.TensorSpec(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape),
-                           byte_length=buffers[name].nbytes, checksum=checksum(buffers[name]),
-                           variable_length=name in variable)
-             for name, t in tensors.items()]
+    specs = tuple((name, DTYPE_NAMES[t.dtype], tuple(t.shape), buffers[name].nbytes, checksum(buffers[name]))
+                  for name, t in tensors.items())
+    return PackedEmbedding(specs, tuple(map(chunk_message, iter_chunks(list(buffers.values()), chunk_bytes))))
+
+
+def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor] | PackedEmbedding,
+                   server_seconds: float = 0.0, chunk_bytes: int = CHUNK_BYTES,
+                   variable: Collection[str] = ()) -> list[bytes]:
+    """One prompt's messages, serialized: its header, then its bytes in chunks. From tensors this is the CRC32 and a
+    copy (`pack_tensors`), work for a thread; from a `PackedEmbedding` only the header is new. `variable` names the
+    variable-length outputs, whose specs say so."""
+    packed = tensors if isinstance(tensors, PackedEmbedding) else pack_tensors(tensors, chunk_bytes)
     header = pb.EncodeResponse(header=pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status,
-                                                         tensors=specs, server_seconds=server_seconds))
-    return [header.SerializeToString(), *map(chunk_message, iter_chunks(list(buffers.values()), chunk_bytes))]
+                                                         tensors=packed.tensor_specs(variable),
+                                                         server_seconds=server_seconds))
+    return [header.SerializeToString(), *packed.chunks]
 
 
 def encode_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor],
@@ -152,7 +195,9 @@ class EmbeddingAssembler:
 
     Feed it every `EncodeResponse` in order; `result()` returns `{name: tensor (B, *shape)}`, and for a
     variable-length output `{name: [B tensors, each of its prompt's shape]}`. Chunks are copied once, from the
-    message straight into their final place.
+    message straight into their final place, and checksummed as they arrive (while the bytes are still in the CPU's
+    cache, and while the next ones are on their way); a tensor's CRC is compared with its header's when its last byte
+    is in.
     """
 
     def __init__(self, num_prompts: int, max_bytes: int = MAX_TENSOR_BYTES):
@@ -164,6 +209,7 @@ class EmbeddingAssembler:
         self._targets: list[tuple[pb.TensorSpec, memoryview]] = []
         self._target = 0
         self._offset = 0
+        self._crc = 0
         self._current: pb.EmbeddingHeader | None = None
 
     def feed(self, message: pb.EncodeResponse | memoryview) -> None:
@@ -202,13 +248,13 @@ class EmbeddingAssembler:
             if spec.variable_length:  # this prompt's own tensor, allocated now that its size is checked
                 self.tensors[spec.name][header.index] = torch.empty(tuple(spec.shape), dtype=dtypes[spec.name])
         self._targets = [(spec, tensor_bytes(self.tensors[spec.name][header.index])) for spec in header.tensors]
-        self._target, self._offset = 0, 0
+        self._target, self._offset, self._crc = 0, 0, 0
         self._skip_empty_targets()
 
     def _skip_empty_targets(self) -> None:
         while self._target < len(self._targets) and self._offset == self._targets[self._target][1].nbytes:
-            self._verify(*self._targets[self._target])
-            self._target, self._offset = self._target + 1, 0
+            self._verify(self._targets[self._target][0])
+            self._target, self._offset, self._crc = self._target + 1, 0, 0
 
     def _write(self, chunk: bytes | memoryview) -> None:
         if self._current is None or self._target >= len(self._targets):
@@ -219,13 +265,15 @@ class EmbeddingAssembler:
             raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: chunk overruns "
                                f"its {view.nbytes} bytes")
         view[self._offset:end] = chunk
+        self._crc = zlib.crc32(chunk, self._crc)
         self._offset = end
         self._skip_empty_targets()
 
-    def _verify(self, spec: pb.TensorSpec, view: memoryview) -> None:
-        if checksum(view) != spec.checksum:
+    def _verify(self, spec: pb.TensorSpec) -> None:
+        got = f"crc32:{self._crc & 0xFFFFFFFF:08x}"
+        if got != spec.checksum:
             raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: checksum mismatch "
-                               f"(got {checksum(view)}, header says {spec.checksum})")
+                               f"(got {got}, header says {spec.checksum})")
 
     def _finish_current(self) -> None:
         if self._current is not None:

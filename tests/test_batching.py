@@ -261,6 +261,57 @@ def test_nan_is_refused_with_internal_and_never_cached(server, encoder):
     assert encoder.encoded("POISON here") == 2  # encoded again: the first answer was not cached
 
 
+class _GatedCopy:
+    """Stands in for the CUDA event of a batch's copy to the host: `synchronize()` waits until the test opens it."""
+
+    def __init__(self):
+        self.opened = threading.Event()
+
+    def synchronize(self):
+        assert self.opened.wait(10)
+
+
+def test_next_batch_is_launched_while_the_last_one_is_still_copied_to_the_host(encoder, monkeypatch):
+    """The worker launches batch N+1 while batch N's bytes are on their way to the host (stood in for by a gate the
+    test holds shut); N is handed out first, each request gets its own rows, the batches' NaN flags are read once
+    their copy is done."""
+    import asyncio
+
+    from encoder_server import batcher as batching
+
+    gates, real_copy = [], batching._copy_to_host
+
+    def gated_copy(out):
+        host, _ = real_copy(out)
+        gates.append(_GatedCopy())
+        return host, gates[-1]
+
+    monkeypatch.setattr(batching, "_copy_to_host", gated_copy)
+
+    async def scenario():
+        batcher = batching.DynamicBatcher(encoder, max_batch_size=1, max_wait_ms=0)
+        batcher.start()
+        first = batcher.submit(["pipelined one"], None, LENGTH)
+        second = batcher.submit(["pipelined two"], None, LENGTH)
+        for _ in range(500):  # both launched, neither finished: the second did not wait for the first's copy
+            if len(gates) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(gates) == 2 and not first.future.done() and not second.future.done()
+        gates[1].opened.set()
+        await asyncio.sleep(0.05)
+        assert not first.future.done() and not second.future.done()  # in order: the second waits for the first
+        gates[0].opened.set()
+        rows = [await asyncio.wait_for(job.future, 10) for job in (first, second)]
+        await batcher.close()
+        return rows, batcher.stats
+
+    rows, stats = asyncio.run(scenario())
+    assert_close({n: t[0] for n, t in rows[0].items()}, reference(encoder, "pipelined one"))
+    assert_close({n: t[0] for n, t in rows[1].items()}, reference(encoder, "pipelined two"))
+    assert stats.batches == 2 and stats.encodes == 2
+
+
 def test_prompt_count_and_length_limits_name_value_and_limit(server):
     with RemoteTextEncoder(server.address, timeout=30) as client:
         with pytest.raises(InvalidArgument, match=r"9 prompts in one call is over 8.*--max-prompts-per-call"):

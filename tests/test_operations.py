@@ -254,6 +254,56 @@ def test_sigterm_drains_in_flight_call_and_exits_zero(server_process, tiny_flux1
     assert "draining" in server.output()
 
 
+# Each case: (streams that stop reading, cancel them at this many seconds after SIGTERM, or None: never cancel).
+STALLED_DRAINS = [(2, 0.3), (1, 1.0), (2, None)]
+
+
+def test_drain_exits_zero_when_stalled_streams_are_cancelled_during_the_grace_period(server_process, tiny_models,
+                                                                                    tmp_path):
+    """Clients that stop reading a large Encode stream (the server blocked by flow control), then cancel it while
+    the server drains, or never do (the grace period runs out). Several servers at once, each a real subprocess: the
+    failed writes must end the calls as cancelled, the drain must unwind every call before it releases the model
+    and the packing threads, and the process must exit 0 with nothing in its log that gRPC calls an error."""
+    grace = 2.0
+    servers = [server_process("--model", f"tiny-flux2={tiny_models['flux2']}", "--device", "cpu",
+                              "--grace", str(grace), "--cache-dir", "none", "--max-prompts-per-call", "256")
+               for _ in STALLED_DRAINS]
+    for server in servers:
+        server.wait_serving()
+    # 256 prompts x 512 tokens x 96 floats: 50 MB a stream, many times what flow control and the sockets' buffers
+    # take unread. One prompt 256 times: encoded once, streamed 256 times (the work is the stream, not the encode).
+    prompts = [f"stalled drain {uuid.uuid4()}"] * 256
+    channels, streams = [], []
+    for server, (count, _) in zip(servers, STALLED_DRAINS):
+        for _ in range(count):
+            channels.append(grpc.insecure_channel(server.address, [("grpc.max_receive_message_length", 8 << 20)]))
+            streams.append((server, pb_grpc.TextEncoderStub(channels[-1]).Encode(
+                pb.EncodeRequest(prompts=prompts, max_sequence_length=512), timeout=60)))
+    try:
+        for server, stream in streams:
+            assert next(stream).WhichOneof("payload") == "header"  # streaming has begun; then nobody reads
+        time.sleep(0.3)  # the servers fill the connections' windows and block
+        sigterm_at = time.monotonic()
+        for server in servers:
+            server.proc.send_signal(signal.SIGTERM)
+        for at, server in sorted((at, server) for server, (_, at) in zip(servers, STALLED_DRAINS) if at is not None):
+            time.sleep(max(0.0, sigterm_at + at - time.monotonic()))
+            for owner, stream in streams:
+                if owner is server:
+                    stream.cancel()
+        codes = [server.proc.wait(30) for server in servers]
+    finally:
+        for channel in channels:
+            channel.close()
+    logs = [server.output() for server in servers]
+    assert codes == [0] * len(servers), "\n\n".join(logs)
+    for log in logs:
+        assert "ExecuteBatchError" not in log and "Traceback" not in log and "still running" not in log, log
+        assert "draining" in log and "drained" in log, log
+    never_cancelled = logs[[at for _, at in STALLED_DRAINS].index(None)]
+    assert "grace period over with 2 calls in flight" in never_cancelled, never_cancelled
+
+
 class KillAfterFirstMessage(grpc.UnaryStreamClientInterceptor):
     """Test instrumentation on the client's channel to one replica: once the first message of the
     stream has arrived, SIGKILL that replica; record how the stream then ended."""
@@ -353,3 +403,27 @@ def test_which_failures_are_rerequested_on_another_replica(code, details, retrie
     from denoiser_client.remote import _retriable
 
     assert _retriable(_Status(code, details)) is retried
+
+
+def test_a_status_the_client_left_before_is_one_info_line_and_a_failed_write_stays_an_error(caplog):
+    """gRPC logs an error when a call's final status cannot be sent because the client already went away (it
+    cancelled, or its connection was cut, right after the last message): the server says so in one INFO line. A
+    failed write of a message is not that case, and stays an error."""
+    from grpc._cython import cygrpc
+
+    from encoder_server.interceptors import ClientGoneFilter
+
+    ClientGoneFilter.install()
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    with caplog.at_level(logging.INFO, logger="grpc._cython.cygrpc"):
+        for operation in ("SendStatusFromServerOperation", "SendMessageOperation"):
+            try:
+                raise cygrpc.ExecuteBatchError(f'Failed "execute_batch": (<grpc._cython.cygrpc.{operation} object>,)')
+            except cygrpc.ExecuteBatchError:
+                grpc_log.exception("ExecuteBatchError raised in core by servicer method [%s]"
+                                   % "/promptcast.v1.TextEncoder/Encode")
+    status, write = [r for r in caplog.records if r.name == "grpc._cython.cygrpc"]
+    assert status.levelno == logging.INFO and status.exc_info is None
+    assert status.getMessage() == ("/promptcast.v1.TextEncoder/Encode: the client went away before the call's "
+                                   "status could be sent")
+    assert write.levelno == logging.ERROR and "ExecuteBatchError" in write.getMessage() and write.exc_info

@@ -10,7 +10,7 @@ import torch
 from shared import protogen
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.tensor_codec import (CHUNK_BYTES, EmbeddingAssembler, PayloadError, decode_response, encode_embedding,
-                                 pack_embedding)
+                                 pack_embedding, pack_tensors)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +43,21 @@ def test_roundtrip_in_chunks_of_at_most_1_mib(dtype):
     out = assembler.result()
     assert torch.equal(out["prompt_embeds"], torch.stack([r["prompt_embeds"] for r in rows]))
     assert torch.equal(out["pooled_prompt_embeds"], torch.stack([r["pooled_prompt_embeds"] for r in rows]))
+
+
+@pytest.mark.parametrize("numel", [0, 1, 2**19 + 1, 2**21 + 7])
+def test_an_entry_packed_once_sends_the_same_bytes_every_time_and_gives_its_tensors_back(numel):
+    """The memory tier keeps entries packed: a hit adds only its header, and must put on the wire exactly the
+    messages packing the tensors would."""
+    tensors = {"prompt_embeds": torch.randn(numel).to(torch.bfloat16), "pooled_prompt_embeds": torch.randn(768)}
+    packed = pack_tensors(tensors)
+    assert packed.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    for index in (0, 5):
+        assert pack_embedding(index, "k" * 64, pb.CACHE_STATUS_MEMORY, packed, 0.5) == pack_embedding(
+            index, "k" * 64, pb.CACHE_STATUS_MEMORY, tensors, 0.5)
+    back = packed.tensors()
+    assert set(back) == set(tensors) and all(back[n].dtype == tensors[n].dtype and torch.equal(back[n], tensors[n])
+                                             for n in tensors)
 
 
 @pytest.mark.parametrize("numel", [0, 1, 63, 64, 8191, 8192, 2**19, 2**19 + 1])
