@@ -46,7 +46,7 @@ LENGTH = 512
 
 
 def variants(encoder, batcher, worker: ThreadPoolExecutor) -> dict:
-    from encoder_server.batcher import _to_cpu
+    from encoder_server.host_copy import to_cpu as _to_cpu
 
     pipe, device = encoder.pipe, encoder.device
 

@@ -31,7 +31,7 @@ from encoder_throughput import (accelerate, embeds, fidelity, flux1_encoder, flu
 
 
 def rate(encoder, size: int, iters: int) -> float:
-    from encoder_server.batcher import _to_cpu
+    from encoder_server.host_copy import to_cpu as _to_cpu
 
     prompts = [prompt(i, f"rate{size}") for i in range(size)]
     for _ in range(2):

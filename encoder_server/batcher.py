@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from encoder_server import host_copy
 from encoder_server.errors import DeadlineExpired, EncodeFailed, ModelNotReady, Overloaded
 from encoder_server.families import Encoder
 
@@ -131,7 +132,7 @@ class DynamicBatcher:
 
     def run_sync(self, prompts, prompts_2, max_sequence_length) -> dict[str, torch.Tensor]:
         """Encode outside the queue (warm-up, tests)."""
-        return _to_cpu(self.encoder.encode(prompts, prompts_2, max_sequence_length))
+        return host_copy.to_cpu(self.encoder.encode(prompts, prompts_2, max_sequence_length))
 
     def max_rows(self, max_sequence_length: int) -> int:
         """Most prompts one merged batch holds at this length (a single larger request still runs alone)."""
@@ -306,7 +307,7 @@ class DynamicBatcher:
             if isinstance(outcome, Exception):
                 return outcome
             parts.append(outcome)
-        return {name: _concat([part[name] for part in parts]) for name in parts[0]}
+        return {name: host_copy.concat([part[name] for part in parts]) for name in parts[0]}
 
     def _too_large(self, job: EncodeJob) -> Overloaded:
         return Overloaded(f"one prompt at max_sequence_length={job.max_sequence_length} does not fit in "
@@ -318,8 +319,8 @@ class DynamicBatcher:
         scans the bytes): all of it queued for the host in one go, on the device's stream."""
         self.stats.encodes += 1
         out = self.encoder.encode(prompts, prompts_2, max_sequence_length)
-        finite = {name: _finite_rows(t) for name, t in out.items() if _floating(t)}
-        host, ready = _copy_to_host({**out, **{f"finite:{name}": ok for name, ok in finite.items()}})
+        finite = {name: host_copy.finite_rows(t) for name, t in out.items() if host_copy.floating(t)}
+        host, ready = host_copy.copy_to_host({**out, **{f"finite:{name}": ok for name, ok in finite.items()}})
         return _OnDevice(jobs, {name: host[name] for name in out}, {name: host[f"finite:{name}"] for name in finite},
                          ready)
 
@@ -345,52 +346,6 @@ class _Launched:
     queue_seconds: float
     started: float
     steps: list  # _OnDevice batches and (job, error) pairs, in the batch's order
-
-def _floating(value: torch.Tensor | list[torch.Tensor]) -> bool:
-    return (value[0] if isinstance(value, list) else value).is_floating_point()
-
-
-def _finite_rows(value: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-    """Per prompt, whether all its values are finite: `(B,)` bool, on the outputs' device."""
-    if isinstance(value, list):
-        return torch.stack([torch.isfinite(t).all() for t in value])
-    return torch.isfinite(value).flatten(1).all(1)
-
-
-def _concat(parts: list[torch.Tensor | list[torch.Tensor]]) -> torch.Tensor | list[torch.Tensor]:
-    return [t for part in parts for t in part] if isinstance(parts[0], list) else torch.cat(parts)
-
-
-def _copy_to_host(out: dict[str, torch.Tensor | list[torch.Tensor]]) -> tuple[dict, object]:
-    """Queue the outputs' copy to the host (a variable-length output's tensors one by one): pinned memory from a GPU
-    (PyTorch's caching host allocator reuses its blocks; several times faster than pageable: 128 MiB a FLUX.1 batch
-    of 32), without waiting. Returns the host tensors and a CUDA event that completes with the copies (None from the
-    CPU: already there)."""
-    host, devices = {}, []
-
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        if not t.is_cuda:
-            return t.to("cpu")
-        devices.append(t.device)  # a model's outputs are on one device: one stream, one event
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-    for name, value in out.items():
-        host[name] = [copy(t) for t in value] if isinstance(value, list) else copy(value)
-    device = devices[0] if devices else None
-    if device is None:
-        return host, None
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(device))
-    return host, ready
-
-
-def _to_cpu(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The outputs on the host, waited for (warm-up, benchmarks)."""
-    host, ready = _copy_to_host(out)
-    _ = ready is not None and ready.synchronize()
-    return host
-
 
 def _hand_out(finished: asyncio.Future) -> None:
     if finished.cancelled():

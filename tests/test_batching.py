@@ -278,15 +278,16 @@ def test_next_batch_is_launched_while_the_last_one_is_still_copied_to_the_host(e
     import asyncio
 
     from encoder_server import batcher as batching
+    from encoder_server import host_copy
 
-    gates, real_copy = [], batching._copy_to_host
+    gates, real_copy = [], host_copy.copy_to_host
 
     def gated_copy(out):
         host, _ = real_copy(out)
         gates.append(_GatedCopy())
         return host, gates[-1]
 
-    monkeypatch.setattr(batching, "_copy_to_host", gated_copy)
+    monkeypatch.setattr(host_copy, "copy_to_host", gated_copy)
 
     async def scenario():
         batcher = batching.DynamicBatcher(encoder, max_batch_size=1, max_wait_ms=0)
