@@ -394,7 +394,11 @@ def run(args) -> dict:
         for family in args.families:
             tiny_dir = make_tiny_model(pathlib.Path(tmp) / family, family)
             report["families"][family] = bench_family(family, args, tiny_dir, device, dtype)
-            print(f"{family}: done in {time.perf_counter() - started:.0f}s", flush=True)
+            print(f"{family}: done in {time.perf_counter() - started:.0f}s: {json.dumps(report['families'][family])}",
+                  flush=True)
+            if args.out is not None:  # after each family: a run cut short keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
