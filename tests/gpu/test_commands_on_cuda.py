@@ -124,7 +124,7 @@ def test_encode_on_cuda_exports_what_the_server_sends(served, tmp_path, capsys):
     for name, tensor in direct.items():
         tensor = tensor[0] if isinstance(tensor, list) else tensor
         assert torch.equal(exported[name].reshape(tensor.shape), tensor), name
-    assert next(iter(exported.values())).dtype == torch.bfloat16  # a CUDA server computes in bf16
+    assert exported["prompt_embeds"].dtype == torch.bfloat16  # a CUDA server computes in bf16
 
 
 def test_demo_on_cuda(served, tmp_path, capsys, monkeypatch):
