@@ -2,14 +2,21 @@
 
 Every output is complete or absent at its final path (`shared.atomic_files`): a video is written to a temp file with
 its suffix (encoders pick the format by it) and renamed; frames go to a temp folder that is renamed. MP4 is written
-by diffusers' `export_to_video`, which uses imageio with imageio-ffmpeg when imageio is installed (the `video` extra)
-and OpenCV otherwise; GIF by diffusers' `export_to_gif` (Pillow only).
+with imageio-ffmpeg's ffmpeg when imageio is installed (the `video` extra; the same libx264 settings as diffusers'
+`export_to_video`), else by `export_to_video` through OpenCV; GIF by diffusers' `export_to_gif` (Pillow only).
+
+ffmpeg is started with `posix_spawn`, not `fork`: a node has gRPC threads running (a channel, or in the demo a whole
+server), and a fork while they call into gRPC skips gRPC's fork handlers and can leave its poller with closed
+descriptors (seen as ffmpeg's "Broken pipe" and gRPC's "epoll_wait error: Bad file descriptor"). So the frames are
+written as PNGs first and ffmpeg reads them, instead of a pipe from a forked child.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 from denoiser_client.options import DEFAULT_FPS, IMAGE_FORMATS
@@ -66,12 +73,32 @@ def save_video(frames: list, out: str | os.PathLike, fps: int | None = None) -> 
     out, fps = Path(out), fps or DEFAULT_FPS
     if out.suffix.lower() == ".gif":
         return write_path_atomically(out, lambda tmp: export_to_gif(frames, str(tmp), fps=fps)), None
-    if mp4_encoder() is not None:
+    encoder = mp4_encoder()
+    if encoder == "imageio":
+        return write_path_atomically(out, lambda tmp: _ffmpeg_mp4(frames, tmp, fps)), None
+    if encoder is not None:
         return write_path_atomically(out, lambda tmp: export_to_video(frames, str(tmp), fps=fps)), None
     folder = frames_folder(out)
     write_folder_atomically(folder, lambda tmp: [frame.save(tmp / f"{i:05d}.png", format="PNG")
                                                  for i, frame in enumerate(frames)])
     return folder, no_mp4_note(f"wrote the {len(frames)} frames as PNG files to {folder}/ instead of {out}")
+
+
+def _ffmpeg_mp4(frames: list, out: Path, fps: int) -> None:
+    """H.264 MP4 of `frames` with imageio-ffmpeg's ffmpeg, as `export_to_video` writes it (libx264, yuv420p, crf 25),
+    from PNG frames (ffmpeg started with posix_spawn: no fork; see the module docstring)."""
+    import imageio_ffmpeg
+
+    with tempfile.TemporaryDirectory(prefix="promptcast-frames-") as folder:
+        for i, frame in enumerate(frames):
+            frame.convert("RGB").save(Path(folder) / f"{i:05d}.png", format="PNG")
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-framerate", str(fps), "-i",
+                   str(Path(folder) / "%05d.png"), "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "25",
+                   "-f", "mp4", str(out)]
+        # close_fds=False (and no preexec_fn or cwd) is what lets subprocess use posix_spawn instead of fork.
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, close_fds=False)
+    if done.returncode != 0:
+        raise OSError(f"ffmpeg could not write {out.name}: {done.stderr.decode(errors='replace').strip()[-500:]}")
 
 
 def save_output(result, out: str | os.PathLike, media: str = "image", fps: int | None = None

@@ -131,7 +131,7 @@ def test_a_video_is_complete_or_absent(tmp_path, monkeypatch):
         raise OSError("ffmpeg died")
 
     monkeypatch.setattr(media, "mp4_encoder", lambda: "imageio")
-    monkeypatch.setattr("diffusers.utils.export_to_video", dies)
+    monkeypatch.setattr(media, "_ffmpeg_mp4", dies)  # the MP4 writer, dying half-way
     with pytest.raises(OSError, match="ffmpeg died"):
         media.save_video(frames, tmp_path / "v.mp4")
     assert list(tmp_path.iterdir()) == []
