@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import pathlib
 import platform
@@ -57,24 +56,11 @@ def param_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
+from denoiser_node import peak, reset_peak  # noqa: E402 - the sibling benchmark's, run from bench/
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def reset_peak(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak(device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
 
 
 @contextlib.contextmanager
