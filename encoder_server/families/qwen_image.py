@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from encoder_server.families.base import Encoder, OutputSpec
-from encoder_server.families.truncated import load_text_model, load_tokenizer
+from encoder_server.families.truncated import TextModelWrapper, load_text_model, load_tokenizer
 from shared.collate import PAD, Layout
 
 # Qwen2.5-VL checkpoints name the language model `model.` (transformers' saved layout: handled by its own prefix
@@ -28,7 +28,7 @@ from shared.collate import PAD, Layout
 QWEN2_5_VL_TEXT_KEYS = {r"^model\.language_model\.": ""}
 
 
-class LastHiddenStateEncoder(nn.Module):
+class LastHiddenStateEncoder(TextModelWrapper):
     r"""
     Stands in for `QwenImagePipeline`'s `text_encoder`: Qwen2.5-VL's language model, without the vision tower and the
     lm_head.
@@ -45,14 +45,6 @@ class LastHiddenStateEncoder(nn.Module):
     def __init__(self, text_model: nn.Module):
         super().__init__()
         self.text_model = text_model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_model.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_model.device
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=True):
         last = self.text_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -25,7 +25,20 @@ from shared.sources import ModelSource
 logger = logging.getLogger(__name__)
 
 
-class TruncatedTextEncoder(nn.Module):
+class TextModelWrapper(nn.Module):
+    """A module that stands in for a pipeline's `text_encoder` around `self.text_model`: diffusers reads its dtype and
+    device."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_model.device
+
+
+class TruncatedTextEncoder(TextModelWrapper):
     r"""
     Stands in for a FLUX.2 pipeline's `text_encoder`: the first `max(layers)` decoder layers of its language model,
     without the final norm and the lm_head.
@@ -54,14 +67,6 @@ class TruncatedTextEncoder(nn.Module):
         text_model.norm = nn.Identity()
         self.text_model = text_model
         self.layers = tuple(layers)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_model.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_model.device
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=True, use_cache=False):
         # Asking for the stacked indices alone lets every other hidden state be freed as soon as the next layer has
