@@ -85,6 +85,15 @@ MODELS = {
 }
 
 
+HOST_COPY_LIMIT = 0.3  # of host memory
+
+
+def _host_memory() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -144,13 +153,17 @@ class Model:
             self.size, self.steps = 64, 2
         else:
             cls_name, config = spec["transformer"]
+            transformer = self._build_transformer(getattr(diffusers, cls_name), config)
             with torch.device(device):
-                transformer = _in_dtype(self.dtype, lambda: getattr(diffusers, cls_name)(**config).eval())
                 vae = _in_dtype(self.dtype, lambda: self._vae().eval())
             self.embed_shapes, self.size, self.steps = spec["embeds"], SIZE, spec["steps"]
         self.transformer_class, self.transformer_config = type(transformer), dict(transformer.config)
         self.params = sum(p.numel() for p in transformer.parameters())
-        self.weights = {k: v.to("cpu", self.dtype) for k, v in transformer.state_dict().items()}
+        # A host copy is kept where it leaves room for the offload plans' own host copies (fp8 weights, and their
+        # pinned twins); FLUX.2-dev's 64 GB would not: its transformer is rebuilt on the GPU from the seed per plan.
+        self.weights = None
+        if tiny or self.params * 2 < HOST_COPY_LIMIT * _host_memory():
+            self.weights = {k: v.to("cpu", self.dtype) for k, v in transformer.state_dict().items()}
         # Offloading hooks leave a module's weights on the meta device when removed: every pipeline gets its own VAE.
         self.vae_class, self.vae_config = type(vae), dict(vae.config)
         self.vae_weights = {k: v.to("cpu", self.dtype) for k, v in vae.state_dict().items()}
@@ -168,7 +181,15 @@ class Model:
                                  use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
         return AutoencoderKLFlux2()
 
+    def _build_transformer(self, cls, config: dict):
+        """Random weights made on the device, from the same seed each time."""
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            return _in_dtype(self.dtype, lambda: cls.from_config(config).eval())
+
     def transformer(self, on: str):
+        if self.weights is None:
+            return self._build_transformer(self.transformer_class, self.transformer_config).to(on)
         return _from_weights(self.transformer_class, self.transformer_config, self.weights, on)
 
     def vae(self, on: str):
@@ -186,13 +207,15 @@ class Model:
         # fp8 is cast on the GPU (the same result as the node's cast on the host, far faster); nf4 quantizes layer by
         # layer from the host copy.
         transformer = self.transformer(device if plan.quantize == "fp8" or (on_gpu and plan.quantize is None)
-                                       else "cpu")
+                                       or self.weights is None else "cpu")
         if plan.quantize == "fp8":
             cast_fp8(transformer, self.dtype)
             if not on_gpu:
                 transformer.to("cpu")
         elif plan.quantize == "nf4":
             to_nf4(transformer, self.dtype)
+        elif not on_gpu:
+            transformer.to("cpu")  # rebuilt on the GPU: the offload plans start from the host
         vae = self.vae("cpu" if plan.offload else device)
         cls = getattr(diffusers, self.spec["pipeline"])
         extra = {"is_distilled": True} if self.spec["pipeline"] == "Flux2KleinPipeline" else {}
@@ -297,19 +320,22 @@ def plan_costs(results: dict, params: int) -> dict:
             for name, r in results.items() if "error" not in r and r.get("peak_allocated_gib") is not None}
 
 
-def run_model(name: str, args, device) -> dict:
+def run_model(name: str, args, device, report: dict, save) -> dict:
+    """Fill `report` plan by plan and cap by cap, calling `save()` after each (a run cut short keeps them)."""
     from denoiser_client import vram_plans
     from denoiser_client.vram import PLANS
 
     spec = MODELS[name]
     started = time.perf_counter()
     model = Model(name, spec, device, args.tiny)
-    report = {"model": name, "family": spec["family"], "params": model.params, "steps": model.steps,
-              "size": model.size, "build_s": round(time.perf_counter() - started, 1), "plans": {}, "caps": {}}
+    report.update({"model": name, "family": spec["family"], "params": model.params, "steps": model.steps,
+                   "size": model.size, "build_s": round(time.perf_counter() - started, 1), "plans": {}, "caps": {},
+                   "host_copy": model.weights is not None})
     cuda = device.type == "cuda"
     for plan in [p for p in PLANS if cuda or PLANS[p].usable("cpu")]:
         report["plans"][plan] = measure(model, plan, 2 if args.tiny or "offload" in plan else 3)
         print(f"[{name}] {plan}: {report['plans'][plan]}", flush=True)
+        save()
     if not cuda:
         return report
     # `pick_plan` reads these figures for this model (the table `--write-table` writes holds the same).
@@ -340,6 +366,7 @@ def run_model(name: str, args, device) -> dict:
         row["two_phase"] = baselines.two_phase(gib, choice.name if ok else None)
         report["caps"][str(gib)] = row
         print(f"[{name}] cap {gib} GiB: {json.dumps(row)}", flush=True)
+        save()
     baselines.close()
     return report
 
@@ -447,8 +474,11 @@ class Baselines:
 
     def move_transformer_seconds(self) -> float:
         """Host-to-GPU time of the bf16 transformer (from an eighth of it): phase 2 begins with it."""
-        items = list(self.model.weights.items())
-        part = items[: max(1, len(items) // 8)]
+        if self.model.weights is None:  # no host copy kept: an eighth of the bytes, faulted in
+            part = [("part", torch.zeros(self.model.params // 8, dtype=self.model.dtype))]
+        else:
+            items = list(self.model.weights.items())
+            part = items[: max(1, len(items) // 8)]
         sync()
         started = time.perf_counter()
         moved = [v.to("cuda") for _, v in part]
@@ -536,14 +566,18 @@ def main() -> None:
               "size": SIZE if not args.tiny else 64, "caps_gib": args.caps, "tiny": args.tiny, "models": {}}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    def save():
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
     for name in args.models:
+        result["models"][name] = report = {}
         try:
-            result["models"][name] = run_model(name, args, device)
+            run_model(name, args, device, report, save)
         except Exception as e:  # noqa: BLE001 - keep what the other models measured
             traceback.print_exc()
-            result["models"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            report["error"] = f"{type(e).__name__}: {e}"[:500]
         free()
-        out.write_text(json.dumps(result, indent=1) + "\n")  # after each model: a timeout keeps what was done
+        save()
     print_table(result)
 
 

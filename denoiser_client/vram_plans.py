@@ -41,7 +41,7 @@ class PlanCost:
 # family -> measured models of it, each {"model", "params", "gpu", "plans": {plan name: PlanCost}}.
 # BEGIN MEASURED (written by bench/consumer_cards.py --write-table)
 MEASURED: dict[str, list[dict]] = {
-    # bench/consumer_cards.py on NVIDIA H200: consumer_cards.json
+    # bench/consumer_cards.py on NVIDIA H200: consumer_cards_a.json, consumer_cards_b.json
     "flux1": [
         {"model": "flux1-dev", "params": 1.19e+10, "gpu": "NVIDIA H200", "plans": {
             "full": PlanCost(2.0146, 2.415 * GIB, 5.1705),
@@ -63,14 +63,25 @@ MEASURED: dict[str, list[dict]] = {
             "fp8+group-offload": PlanCost(0.0523, 1.131 * GIB, 1.4972),
             "sequential-offload": PlanCost(0.0089, 0.658 * GIB, 4.4224),
         }},
+        {"model": "flux2-klein-9b", "params": 9.079e+09, "gpu": "NVIDIA H200", "plans": {
+            "full": PlanCost(2.0191, 2.437 * GIB, 1.029),
+            "full+tiling": PlanCost(2.0229, 0.778 * GIB, 0.9609),
+            "fp8": PlanCost(1.034, 2.406 * GIB, 0.8587),
+            "fp8+tiling": PlanCost(1.034, 0.903 * GIB, 0.9482),
+            "nf4+tiling": PlanCost(0.5865, 0.904 * GIB, 0.8801),
+            "fp8+group-offload": PlanCost(0.0226, 1.817 * GIB, 1.5739),
+            "sequential-offload": PlanCost(0.0038, 0.902 * GIB, 10.6846),
+        }},
     ],
     "flux2": [
         {"model": "flux2-dev", "params": 3.222e+10, "gpu": "NVIDIA H200", "plans": {
-            "full": PlanCost(2.0065, 2.413 * GIB, 27.8291),
-            "full+tiling": PlanCost(2.0065, 1.157 * GIB, 28.0409),
-            "fp8": PlanCost(1.0141, 2.411 * GIB, 32.227),
-            "fp8+tiling": PlanCost(1.0141, 1.437 * GIB, 32.2264),
-            "nf4+tiling": PlanCost(0.5688, 1.436 * GIB, 29.7148),
+            "full": PlanCost(2.0065, 2.413 * GIB, 27.709),
+            "full+tiling": PlanCost(2.0065, 1.157 * GIB, 27.7446),
+            "fp8": PlanCost(1.0141, 2.411 * GIB, 31.9645),
+            "fp8+tiling": PlanCost(1.0141, 1.436 * GIB, 32.0834),
+            "nf4+tiling": PlanCost(0.5689, 1.436 * GIB, 29.4706),
+            "fp8+group-offload": PlanCost(0.0063, 3.819 * GIB, 70.9351),
+            "sequential-offload": PlanCost(0.0011, 1.438 * GIB, 495.3287),
         }},
     ],
 }
