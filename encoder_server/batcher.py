@@ -2,7 +2,8 @@
 
 Requests for the same model and `max_sequence_length` that arrive within `max_wait_ms` of each
 other are merged into one forward pass (bounded by `max_batch_size` prompts and `max_batch_tokens`
-padded tokens); each request gets exactly its own rows back. The queue is bounded: past
+padded tokens); each request gets exactly its own rows back. A lone client does not wait for company: while the
+device is idle, the last batch held one request and only one is queued, it starts at once. The queue is bounded: past
 `max_queue` waiting requests, `submit` raises `Overloaded` at once instead of growing memory.
 A request whose deadline has passed, or whose every waiter went away, is dropped before GPU work.
 A batch that runs out of GPU memory is split in halves and retried; only a request that cannot
@@ -89,6 +90,8 @@ class DynamicBatcher:
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"finish-{encoder.name}")
         self._last_ready = 0.0
         self._task: asyncio.Task | None = None
+        self._in_flight = 0  # batches taken from the queue and not yet handed out
+        self._last_jobs = 0  # requests in the last batch taken (0: none yet, so the first one waits for company)
 
     @property
     def queued(self) -> int:
@@ -163,7 +166,11 @@ class DynamicBatcher:
             if finishing is not None:
                 await asyncio.shield(finishing)
             finishing = loop.run_in_executor(self._finisher, self._finish, launched)
-            finishing.add_done_callback(_hand_out)
+            finishing.add_done_callback(self._handed_out)
+
+    def _handed_out(self, finished: asyncio.Future) -> None:
+        self._in_flight -= 1
+        _hand_out(finished)
 
     async def _next_batch(self) -> list[EncodeJob]:
         while (batch := self._ready_batch()) is None:
@@ -183,8 +190,11 @@ class DynamicBatcher:
             return None
         first = self._queue[0]
         batch, full = self._compatible(first)
-        if not full and time.monotonic() < first.enqueued_at + self.max_wait:
+        alone = self._in_flight == 0 and self._last_jobs == 1 and len(self._queue) == 1
+        if not full and not alone and time.monotonic() < first.enqueued_at + self.max_wait:
             return None
+        self._in_flight += 1
+        self._last_jobs = len(batch)
         taken = set(map(id, batch))
         self._queue = deque(job for job in self._queue if id(job) not in taken)
         return batch

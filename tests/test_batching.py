@@ -396,3 +396,35 @@ def test_serve_quantize_on_cpu_fails_with_one_clear_line(tiny_flux1):
                      "--quantize", "nf4", "--cache-dir", "none", timeout=120)
     assert result.returncode != 0
     assert "--quantize nf4 needs a CUDA device" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_lone_client_does_not_wait_for_company_and_concurrent_ones_still_do(encoder):
+    import asyncio
+
+    from encoder_server import batcher as batching
+
+    async def scenario():
+        batcher = batching.DynamicBatcher(encoder, max_wait_ms=60_000)  # a window no test would wait out
+        batcher.start()
+        first = batcher.submit(["alone one"], None, LENGTH)
+        await asyncio.sleep(0.05)
+        assert batcher._ready_batch() is None  # the first batch waits for company: nothing says it is alone yet
+        batcher._queue.clear()
+        batcher._last_jobs = 1  # the last batch held one request, the device is idle, one request is queued
+        alone = batcher.submit(["alone two"], None, LENGTH)
+        rows = await asyncio.wait_for(alone.future, 10)  # started at once, not after the window
+        batcher._last_jobs = 1
+        batcher._in_flight = 1  # a batch still on the device: gather what arrives behind it
+        batcher.submit(["behind a busy device"], None, LENGTH)
+        assert batcher._ready_batch() is None
+        batcher._in_flight, batcher._last_jobs = 0, 2  # several clients were seen: the window holds
+        assert batcher._ready_batch() is None
+        batcher._last_jobs = 1
+        batcher.submit(["a second one queued"], None, LENGTH)
+        assert batcher._ready_batch() is None  # two queued: not alone
+        first.future.cancel()
+        await batcher.close()
+        return rows
+
+    rows = asyncio.run(scenario())
+    assert_close({n: t[0] for n, t in rows.items()}, reference(encoder, "alone two"))
