@@ -154,14 +154,15 @@ def test_video_arguments_are_checked_before_anything_loads(capsys, tmp_path, tin
     assert list(tmp_path.iterdir()) == []
 
 
-def test_batch_and_ui_check_video_arguments_first(capsys, tmp_path, tiny_models):
+def test_batch_checks_video_arguments_first_and_ui_takes_a_video_model(capsys, tmp_path, tiny_models):
     job = tmp_path / "job.jsonl"
     job.write_text(json.dumps({"prompt": "x"}) + "\n")
     code, err = cli(capsys, "batch", job, "--encoder", DEAD, "--model", tiny_models["flux1"], "--out-dir",
                     tmp_path / "out", "--device", "cpu", "--num-frames", "5")
     assert_one_error_line(code, err, "--num-frames 5: is for video families")
-    code, err = cli(capsys, "ui", "--encoder", DEAD, "--model", tiny_models["wan"], "--port", "0", "--device", "cpu")
-    assert_one_error_line(code, err, "is wan, which makes videos, and the console shows images")
+    code, err = cli(capsys, "ui", "--encoder", DEAD, "--model", tiny_models["wan"], "--port", "0", "--device", "cpu",
+                    "--timeout", "2")
+    assert_one_error_line(code, err, f"no encoder server answered at {DEAD}")  # past every check, to the server
     assert not (tmp_path / "out").exists()
 
 

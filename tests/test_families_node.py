@@ -210,18 +210,6 @@ def test_the_console_renders_an_image_family_as_generate_does(server, tiny_model
     assert np.array_equal(np.asarray(Image.open(rendered.path)), plain("qwen-image"))
 
 
-def test_the_console_refuses_a_video_family(server, tiny_models, tmp_path):
-    from denoiser_client.errors import InvalidArgument
-    from denoiser_client.node import DenoiserNode
-    from denoiser_client.ui.console import Console
-    from denoiser_client.ui.styles import load_styles
-
-    with RemoteTextEncoder(server.address, timeout=60) as encoder:
-        node = DenoiserNode.load(encoder, str(tiny_models["wan"]), encoder_model="tiny-wan")
-        with pytest.raises(InvalidArgument, match="wan makes videos: use promptcast generate"):
-            Console(node, encoder, load_styles(), tmp_path)
-
-
 @pytest.mark.parametrize("family", PIPELINES)
 def test_demo_for_each_family(capsys, tmp_path, monkeypatch, family):
     monkeypatch.chdir(tmp_path)

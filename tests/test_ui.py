@@ -1,6 +1,7 @@
 """`promptcast ui` in a real browser: headless Chromium (Debian's `chromium`, launched by Playwright; nothing downloads
-a browser) drives the page by its visible labels against a real encoder server and the tiny FLUX.1 model. The images
-the page shows are fetched from it and compared byte for byte with `promptcast generate`'s."""
+a browser) drives the page by its visible labels against a real encoder server and the tiny FLUX.1 model (and the tiny
+Wan model for video). The images the page shows are fetched from it and compared byte for byte with `promptcast
+generate`'s (a video: with the file the console wrote)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from conftest import free_port, run_cli
 from denoiser_client import RemoteTextEncoder
 from denoiser_client.node import DenoiserNode
-from denoiser_client.ui.styles import load_styles
+from denoiser_client.ui.styles import Style, load_styles
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 from ui_helpers import PROMPT, generated, make_styles
 
@@ -52,11 +53,11 @@ expect.set_options(timeout=TIMEOUT_MS)
 class EncoderServer:
     """A real in-process encoder server that can be stopped and started again on the same port."""
 
-    def __init__(self, model):
-        self.model, self.port, self.background = str(model), 0, None
+    def __init__(self, model, name: str = "tiny-flux1"):
+        self.model, self.name, self.port, self.background = str(model), name, 0, None
 
     def start(self) -> "EncoderServer":
-        config = ServerConfig([ModelSpec(self.model, name="tiny-flux1")], port=self.port, cache_dir=None)
+        config = ServerConfig([ModelSpec(self.model, name=self.name)], port=self.port, cache_dir=None)
         self.background = BackgroundServer(config).start()
         self.port = self.background.port
         return self
@@ -280,20 +281,24 @@ def test_the_form_offers_what_the_model_takes(tiny_models, tmp_path):
     from denoiser_client.pipeline import load_denoiser
     from denoiser_client.ui.console import Console
     from denoiser_client.ui.page import build_page
-    from denoiser_client.ui.styles import Style
 
-    labels = {}
-    for family in ("flux1", "flux2"):
+    labels, texts = {}, {}
+    for family in ("flux1", "flux2", "wan"):
         pipe, _ = load_denoiser(str(tiny_models[family]))
         encoder = RemoteTextEncoder(f"127.0.0.1:{free_port()}", timeout=1)  # asked only once a page opens
         node = DenoiserNode(pipe, info=SimpleNamespace(name=f"tiny-{family}", family=family))
         page = build_page(Console(node, encoder, [Style("base")], tmp_path))
         labels[family] = {getattr(block, "label", None) for block in page.blocks.values()} - {None}
+        texts.update({block.label: f"{block.label} {getattr(block, 'info', None) or ''}".lower()
+                      for block in page.blocks.values() if getattr(block, "label", None)})
         encoder.close()
     common = {"Encoder server", "Prompt", "Style", "Seed", "Steps", "Width", "Height", "Guidance", "Result", "Info",
               "History"}
     assert labels["flux1"] == common | {"Negative", "True CFG scale"}
     assert labels["flux2"] == common | {"Reference images"}  # guidance-distilled: no negative prompt
+    assert labels["wan"] == common | {"Negative", "Frames", "FPS"}
+    texts["Generate"] = "generate"
+    assert [(a, b) for a in texts for b in texts if a != b and a.lower() in texts[b]] == []  # labels and hints
 
 
 def test_progress_while_denoising_and_a_bad_size_leave_the_page_working(browser, console, expected, monkeypatch):
@@ -318,3 +323,46 @@ def test_progress_while_denoising_and_a_bad_size_leave_the_page_working(browser,
     expect(page.get_by_label("Info")).to_have_value("error: Width=40 must be a positive multiple of 16 (e.g. 32)")
     fill(page, style="base", seed=9)
     assert generate(page) == expected("base", 9)
+
+
+def test_a_video_family_shows_its_video_and_history_brings_back_its_frames(browser, tiny_models, tmp_path):
+    server = EncoderServer(tiny_models["wan"], name="tiny-wan").start()
+    encoder = RemoteTextEncoder(server.address, timeout=60)
+    node = DenoiserNode.load(encoder, str(tiny_models["wan"]))
+    served, console, url = start_console(node, encoder, [Style("base")], out_dir=tmp_path / "videos", port=free_port())
+    tag = "video" if console.suffix == ".mp4" else "img"  # an MP4 in a video player, else an animated GIF
+    try:
+        page = open_page(browser, url)
+        expect(page.get_by_label("Frames")).to_have_value("81")  # WanPipeline's default, 16 frames a second
+        expect(page.get_by_label("FPS")).to_have_value("16")
+        fill(page, seed=5)
+        for label, value in (("Frames", 9), ("FPS", 10)):
+            box = page.get_by_label(label)
+            box.fill(str(value))
+            box.press("Enter")
+        page.get_by_role("button", name="Generate").click()
+        entries = page.get_by_label("History").locator("img, video")
+        expect(entries).to_have_count(1)
+        (written,) = (tmp_path / "videos").iterdir()
+        assert written.name == f"00001-seed5{console.suffix}"
+        src = page.get_by_label("Result").locator(tag).get_attribute("src")
+        assert page.request.get(src).body() == written.read_bytes()
+        if console.suffix == ".gif":
+            from PIL import Image
+
+            with Image.open(written) as gif:
+                assert gif.n_frames == 9 and gif.info["duration"] == 100
+        expect(page.get_by_label("Info")).to_have_value(re.compile(r"\n2 steps, 32x32, 9 frames at 10 fps, "))
+
+        page.get_by_label("Frames").fill("5")
+        page.get_by_label("FPS").fill("8")
+        entries.first.click()  # the form as that video was made
+        expect(page.get_by_label("Frames")).to_have_value("9")
+        expect(page.get_by_label("FPS")).to_have_value("10")
+        expect(page.get_by_label("Seed")).to_have_value("5")
+        outside = [u for u in page.requested if not u.startswith((url, "data:", "blob:"))]
+        assert outside == []
+    finally:
+        served.close()
+        console.encoder.close()
+        server.stop()

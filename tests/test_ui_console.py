@@ -1,6 +1,7 @@
 """The console behind the web page, without a browser: the same images as `promptcast generate` for every style,
 LoRAs loaded once and switched, a bad LoRA reported while the rest works, failures that leave it usable, FLUX.2's
-structured prompts and reference images."""
+structured prompts and reference images, and Wan's videos (GIF, or MP4 with imageio-ffmpeg) as `generate` writes
+them."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import wait_for
-from denoiser_client import RemoteTextEncoder
+from denoiser_client import RemoteTextEncoder, media
 from denoiser_client.errors import InvalidArgument, OutOfGpuMemory, ServerUnavailable
 from denoiser_client.node import DenoiserNode
+from denoiser_client.generate import generate
 from denoiser_client.options import GenerateOptions
 from denoiser_client.pipeline import load_denoiser
 from denoiser_client.ui.console import Console, ConsoleRequest, form_facts
@@ -22,6 +24,8 @@ from encoder_server.families import get_encoder
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 from test_operations import GatedEncoder
 from ui_helpers import CALL, PROMPT, generated, make_styles
+
+VIDEO = dict(steps=2, width=32, height=32)  # what every Wan test asks for (with its own frames and fps)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,8 @@ def test_bad_values_and_out_of_memory_leave_the_console_working(console, monkeyp
         (ask("base", seed=-5), "Seed=-5 must be -1 (a random seed) or a whole number"),
         (ask("base", prompt="  "), "Prompt is empty"),
         (ask("sepia"), "Style 'sepia' is not one of this console's: base, ink, mix"),
+        (ask("base", num_frames=5), "Frames=5 is for video families (wan), and flux1 makes images: drop it"),
+        (ask("base", fps=8), "FPS=8 is for video families (wan), and flux1 makes images: drop it"),
     ]:
         with pytest.raises((InvalidArgument, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
             console.render(request)
@@ -135,7 +141,7 @@ def test_a_server_not_serving_is_a_clear_error_and_the_next_render_after_it_serv
 
 def test_form_facts_follow_the_family(tiny_models):
     facts = {}
-    for family in ("flux1", "flux2", "flux2-klein"):
+    for family in ("flux1", "flux2", "flux2-klein", "wan"):
         pipe, _ = load_denoiser(str(tiny_models[family]))
         facts[family] = form_facts(DenoiserNode(pipe))
     assert facts["flux1"].negative_prompt and facts["flux1"].true_cfg_scale == 1.0
@@ -144,11 +150,14 @@ def test_form_facts_follow_the_family(tiny_models):
     assert not facts["flux2"].negative_prompt and facts["flux2"].max_reference_images == 10
     assert facts["flux2"].structured_prompts and facts["flux2"].true_cfg_scale is None
     assert not facts["flux2-klein"].negative_prompt  # the tiny klein is distilled: no CFG, no negative prompt
+    assert all(facts[f].media == "image" and facts[f].num_frames is None and facts[f].fps is None and not
+               facts[f].video for f in ("flux1", "flux2", "flux2-klein"))
+    wan = facts["wan"]
+    assert wan.video and wan.media == "video" and wan.num_frames == 81 and wan.fps == 16  # WanPipeline's, 16 fps
+    assert wan.guidance == 5.0 and wan.negative_prompt and wan.true_cfg_scale is None and not wan.structured_prompts
 
 
 def test_flux2_structured_prompt_and_reference_images_as_in_generate(tiny_models, tmp_path):
-    from denoiser_client.generate import generate
-
     source = str(tiny_models["flux2"])
     reference = tmp_path / "ref.png"
     Image.new("RGB", (64, 64), (200, 40, 10)).save(reference)
@@ -167,3 +176,83 @@ def test_flux2_structured_prompt_and_reference_images_as_in_generate(tiny_models
                                options=GenerateOptions(seed=3, steps=2, width=32, height=32,
                                                        reference_images=(str(reference),)), progress=False)
     assert rendered.path.read_bytes() == expected.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def wan_server(tiny_models):
+    config = ServerConfig([ModelSpec(str(tiny_models["wan"]), name="tiny-wan")], port=0, cache_dir=None)
+    with BackgroundServer(config) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def wan_encoder(wan_server):
+    with RemoteTextEncoder(wan_server.address, timeout=60) as encoder:
+        yield encoder
+
+
+@pytest.fixture(scope="module")
+def wan_node(wan_encoder, tiny_models):
+    """The console's node; `generate`'s reference renders on a node of its own (`wan_reference`)."""
+    return DenoiserNode.load(wan_encoder, str(tiny_models["wan"]))
+
+
+@pytest.fixture(scope="module")
+def wan_reference(wan_encoder, tiny_models):
+    return DenoiserNode.load(wan_encoder, str(tiny_models["wan"]))
+
+
+def wan_generated(encoder, node, out, **options) -> bytes:
+    """The file `promptcast generate` writes for the Wan console's request (`out`'s suffix picks MP4 or GIF)."""
+    path, _ = generate(encoder, str(node.source), PROMPT, out, pipe=node, progress=False,
+                       options=GenerateOptions(**{**VIDEO, **options}))
+    return path.read_bytes()
+
+
+def test_a_video_family_renders_the_gif_generate_writes(wan_encoder, wan_node, wan_reference, tmp_path, monkeypatch):
+    monkeypatch.setattr(media, "mp4_encoder", lambda: None)  # no MP4 encoder: an animated GIF the browser shows
+    console = Console(wan_node, wan_encoder, [Style("base")], tmp_path / "videos")
+    assert console.suffix == ".gif"
+    rendered = console.render(ConsoleRequest(prompt=PROMPT, seed=5, num_frames=9, fps=10, **VIDEO))
+    assert rendered.path == tmp_path / "videos" / "00001-seed5.gif"
+    assert (rendered.request.num_frames, rendered.request.fps, rendered.request.guidance) == (9, 10, 5.0)
+    assert rendered.info().splitlines()[4] == "2 steps, 32x32, 9 frames at 10 fps, guidance 5"
+    with Image.open(rendered.path) as gif:
+        assert gif.n_frames == 9 and gif.info["duration"] == 100 and gif.size == (32, 32)  # 10 fps: 100 ms a frame
+    assert rendered.path.read_bytes() == wan_generated(wan_encoder, wan_reference, tmp_path / "cli.gif", seed=5,
+                                                       num_frames=9, fps=10)
+    short = console.render(ConsoleRequest(prompt=PROMPT, seed=5, num_frames=5, **VIDEO))  # the default fps, 16
+    assert (short.request.num_frames, short.request.fps) == (5, 16) and short.path.name == "00002-seed5.gif"
+    with Image.open(short.path) as gif:
+        assert gif.n_frames == 5 and gif.info["duration"] == 60  # 1000 // 16 ms, kept in hundredths
+    assert short.path.read_bytes() == wan_generated(wan_encoder, wan_reference, tmp_path / "cli5.gif", seed=5,
+                                                    num_frames=5)
+
+
+def test_a_video_family_renders_the_mp4_generate_writes(wan_encoder, wan_node, wan_reference, tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    imageio = pytest.importorskip("imageio.v2")
+    console = Console(wan_node, wan_encoder, [Style("base")], tmp_path / "videos")
+    assert console.suffix == ".mp4"  # H.264 from imageio-ffmpeg's ffmpeg: the page's video player plays it
+    rendered = console.render(ConsoleRequest(prompt=PROMPT, seed=5, num_frames=9, fps=8, **VIDEO))
+    assert rendered.path == tmp_path / "videos" / "00001-seed5.mp4" and rendered.notes == ()
+    with imageio.get_reader(rendered.path) as reader:
+        assert reader.get_meta_data()["fps"] == 8 and reader.count_frames() == 9
+        assert reader.get_data(0).shape == (32, 32, 3)
+    assert rendered.path.read_bytes() == wan_generated(wan_encoder, wan_reference, tmp_path / "cli.mp4", seed=5,
+                                                       num_frames=9, fps=8)
+
+
+def test_bad_frames_and_fps_name_the_fields_and_leave_the_video_console_working(wan_encoder, wan_node, tmp_path):
+    console = Console(wan_node, wan_encoder, [Style("base")], tmp_path)
+    for fields, message in [
+        (dict(num_frames=6), r"Frames=6 must be 4k\+1 from 1 to 1001 .*, e\.g\. 5"),
+        (dict(num_frames=0), r"Frames=0 must be 4k\+1"),
+        (dict(fps=0), "FPS=0 must be from 1 to 120 frames a second"),
+    ]:
+        with pytest.raises(InvalidArgument, match=message):
+            console.render(ConsoleRequest(prompt=PROMPT, seed=5, **VIDEO, **fields))
+    with pytest.raises(InvalidArgument, match="Prompt is empty: describe the video to make"):
+        console.render(ConsoleRequest(prompt=" ", num_frames=5, **VIDEO))
+    assert console.renders == 0
+    assert console.render(ConsoleRequest(prompt=PROMPT, seed=5, num_frames=5, **VIDEO)).path.is_file()

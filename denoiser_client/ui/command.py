@@ -43,7 +43,7 @@ def check_listen_address(host: str, port: int) -> None:
 
 
 def check_out_dir(out_dir: Path | None) -> Path:
-    """The folder images are saved in (created if missing); a new temporary folder by default."""
+    """The folder images (or videos) are saved in (created if missing); a new temporary folder by default."""
     if out_dir is None:
         return Path(tempfile.mkdtemp(prefix="promptcast-ui-"))
     if out_dir.exists() and not out_dir.is_dir():
@@ -65,8 +65,8 @@ def ui(
                                                      "file name, weight 1.0).")] = None,
     host: Annotated[str, typer.Option(help="Address to serve the page on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the page (0: a free one).")] = 7860,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the images (default: a new temporary "
-                                                    "folder).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the images, or a video model's videos "
+                                                    "(default: a new temporary folder).")] = None,
     device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", vram: VramOpt = "auto", vram_budget: VramBudgetOpt = None,
     quantize: QuantizeOpt = None, offload: OffloadOpt = None, vae_tiling: VaeTilingOpt = False,
     token: TokenOpt = None, tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
@@ -82,12 +82,8 @@ def ui(
     images = check_out_dir(out_dir)
     from denoiser_client.node import DenoiserNode
     from denoiser_client.pipeline import family_of
-    from shared.families import FAMILIES
 
-    family = family_of(model)
-    if FAMILIES[family].media != "image":
-        raise ValueError(f"--model {model!r} is {family}, which makes videos, and the console shows images: use "
-                         "promptcast generate --out NAME.mp4, or promptcast batch")
+    family_of(model)  # a model of no known family is refused before the encoder server is dialled
 
     def connect():
         return _client(encoder, token, tls_ca, timeout, tls_cert=tls_cert, tls_key=tls_key, cache_dir=cache_dir)
@@ -102,7 +98,8 @@ def ui(
                                        connect=connect)
     for problem in console.problems:
         _echo_err(f"warning: {problem}")
-    typer.echo(f"promptcast ui: {url} (styles: {', '.join(console.style_names)}; images in {images})")
+    saved = "videos" if console.facts.video else "images"
+    typer.echo(f"promptcast ui: {url} (styles: {', '.join(console.style_names)}; {saved} in {images})")
     try:
         page.block_thread()
     finally:

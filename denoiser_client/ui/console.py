@@ -2,8 +2,10 @@
 
 Renders go through `render_one`, the path `promptcast generate` takes, one at a time: the node has one pipeline and
 one set of active LoRAs, so each render activates its own style right before it runs, under one lock, and two
-browser sessions never see each other's style. Nothing here imports Gradio: the page (`page.py`) only turns form
-values into a `ConsoleRequest` and a `Rendered` (or an error) back into what it shows.
+browser sessions never see each other's style. A video family's renders are saved as MP4 when imageio-ffmpeg can
+write H.264 (what browsers play), else as an animated GIF, which a browser shows with no extra package. Nothing here
+imports Gradio: the page (`page.py`) only turns form values into a `ConsoleRequest` and a `Rendered` (or an error)
+back into what it shows.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from denoiser_client import media
 from denoiser_client.errors import InvalidArgument, ServerUnavailable
 from denoiser_client.generate import render_one
 from denoiser_client.lora import LoraError
 from denoiser_client.node import DenoiserNode, RenderItem
-from denoiser_client.options import GenerateOptions, check_options
-from denoiser_client.media import save_image
+from denoiser_client.options import GenerateOptions, media_problems, option_problems
 from denoiser_client.pipeline import Timings
 from denoiser_client.remote import RemoteTextEncoder
 from denoiser_client.ui.styles import BASE, Style
@@ -33,7 +35,8 @@ logger = logging.getLogger(__name__)
 RANDOM_SEED = -1
 MAX_PAGE_SEED = 2**53 - 1  # a browser holds numbers as doubles: larger seeds would not come back as typed
 LABELS = {"seed": "Seed", "steps": "Steps", "width": "Width", "height": "Height", "guidance": "Guidance",
-          "true_cfg_scale": "True CFG scale", "negative_prompt": "Negative", "reference_images": "Reference images"}
+          "true_cfg_scale": "True CFG scale", "negative_prompt": "Negative", "reference_images": "Reference images",
+          "num_frames": "Frames", "fps": "FPS"}
 _HEALTH_WORDS = {"SERVING": "serving", "NOT_SERVING": "not serving (loading, draining or stuck)",
                  "UNREACHABLE": "unreachable"}
 
@@ -57,11 +60,14 @@ class ConsoleRequest:
     negative_prompt: str | None = None
     true_cfg_scale: float | None = None
     reference_images: tuple[str, ...] = ()
+    num_frames: int | None = None  # video families
+    fps: int | None = None  # video families: frames a second of the file saved
 
 
 @dataclass
 class Rendered:
-    """One finished image: its PNG, the request as rendered (the seed drawn, the defaults filled in), its timings."""
+    """One finished image (or video): its file, the request as rendered (the seed drawn, the defaults filled in),
+    its timings."""
 
     path: Path
     request: ConsoleRequest
@@ -75,10 +81,12 @@ class Rendered:
         cache = "encoded (cache miss)" if not status or status[0] == "miss" else f"hit ({status[0]})"
         t = self.timings
         r = self.request
+        frames = "" if r.num_frames is None else f", {r.num_frames} frames at {r.fps} fps"
         lines = [f"seed {r.seed}", f"style {self.style.describe()}", f"embedding {cache}",
                  f"encode {t.encode:.3f}s / transfer {t.transfer:.3f}s / denoise {t.denoise:.3f}s / "
                  f"decode {t.decode:.3f}s",
-                 f"{r.steps} steps, {r.width}x{r.height}" + ("" if r.guidance is None else f", guidance {r.guidance:g}")]
+                 f"{r.steps} steps, {r.width}x{r.height}{frames}"
+                 + ("" if r.guidance is None else f", guidance {r.guidance:g}")]
         return "\n".join(lines + list(self.notes))
 
 
@@ -94,10 +102,17 @@ class FormFacts:
     true_cfg_scale: float | None  # None: the pipeline has no true CFG
     negative_prompt: bool
     max_reference_images: int
+    media: str = "image"  # "image" or "video"
+    num_frames: int | None = None  # video: the pipeline's default frame count
+    fps: int | None = None  # video: the default frames a second of the file saved
 
     @property
     def structured_prompts(self) -> bool:
         return self.family.startswith("flux2")
+
+    @property
+    def video(self) -> bool:
+        return self.media == "video"
 
 
 def form_facts(node: DenoiserNode) -> FormFacts:
@@ -112,7 +127,13 @@ def form_facts(node: DenoiserNode) -> FormFacts:
     return FormFacts(node.family, used["steps"], used["width"], used["height"],
                      used["guidance"] if has("guidance_scale") else None,
                      builder.default("true_cfg_scale") if has("true_cfg_scale") else None,
-                     negative, record.max_reference_images)
+                     negative, record.max_reference_images, node.media, used.get("num_frames"), used.get("fps"))
+
+
+def video_suffix() -> str:
+    """What the console saves a video as: ".mp4" when imageio-ffmpeg writes it (H.264, which browsers play), else
+    ".gif" (browsers animate a GIF; OpenCV's MP4 is MPEG-4 Part 2, which they do not play)."""
+    return ".mp4" if media.mp4_encoder() == "imageio" else ".gif"
 
 
 def is_structured(prompt: str) -> bool:
@@ -134,7 +155,8 @@ class Console:
         node ([`DenoiserNode`]): the loaded node (transformer + VAE), already paired with the server's model.
         encoder ([`RemoteTextEncoder`]): the encoder server's client.
         styles (`list[Style]`): "base" first; `load_styles` loads their LoRAs.
-        out_dir (`str` or `os.PathLike`): where each image is saved as PNG (the page shows these files).
+        out_dir (`str` or `os.PathLike`): where each image is saved as PNG, each video as MP4 or GIF (`suffix`); the
+            page shows these files.
         connect (`callable`, *optional*): returns a new client for the same server. Once the server was found
             unavailable, the next render and health probe dial with a fresh client: gRPC would otherwise wait out its
             reconnect backoff (growing to two minutes) before trying a server that is back.
@@ -142,9 +164,6 @@ class Console:
 
     def __init__(self, node: DenoiserNode, encoder: RemoteTextEncoder, styles: list[Style], out_dir: str | Path, *,
                  connect: Callable[[], RemoteTextEncoder] | None = None):
-        if node.media != "image":
-            raise InvalidArgument(f"the console shows images, and {node.family} makes videos: use promptcast generate "
-                                  "or promptcast batch")
         self.node, self.encoder, self._connect = node, encoder, connect
         self._stale = False  # the server was unavailable: dial afresh next time
         self.styles = {style.name: style for style in styles}
@@ -152,6 +171,7 @@ class Console:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.facts = form_facts(node)
+        self.suffix = video_suffix() if self.facts.video else ".png"
         self.renders = 0
         self._lock = threading.Lock()  # one pipeline, one set of active LoRAs: one render at a time
         self._numbers = itertools.count(1)
@@ -201,14 +221,20 @@ class Console:
             limit = self.facts.max_reference_images
             raise InvalidArgument(f"{len(refs)} reference images: {self.facts.family} takes "
                                   + (f"at most {limit}" if limit else "none"))
-        return check_options(GenerateOptions(seed=seed, steps=request.steps, guidance=request.guidance,
-                                             width=request.width, height=request.height, negative_prompt=negative,
-                                             true_cfg_scale=request.true_cfg_scale, reference_images=refs),
-                             name=page_label)
+        options = GenerateOptions(seed=seed, steps=request.steps, guidance=request.guidance, width=request.width,
+                                  height=request.height, negative_prompt=negative,
+                                  true_cfg_scale=request.true_cfg_scale, reference_images=refs,
+                                  num_frames=request.num_frames, fps=request.fps)
+        problems = (media_problems(options, self.facts.family, self.facts.media, name=page_label)
+                    or option_problems(options, name=page_label))
+        if problems:
+            raise InvalidArgument("; ".join(problems))
+        return options
 
     def render(self, request: ConsoleRequest, progress: Callable[[int, int], None] | None = None) -> Rendered:
         r"""
-        One image, as `promptcast generate` makes it with the same prompt, seed, size, steps and LoRAs.
+        One image (or video), as `promptcast generate` makes it with the same prompt, seed, size, steps, frames, fps
+        and LoRAs.
 
         Args:
             request ([`ConsoleRequest`]): the form's values.
@@ -219,7 +245,7 @@ class Console:
             `OutOfGpuMemory` and the other `PromptcastError`s; the console stays usable after any of them.
         """
         if not request.prompt or not request.prompt.strip():
-            raise InvalidArgument("Prompt is empty: describe the image to make")
+            raise InvalidArgument(f"Prompt is empty: describe the {self.facts.media} to make")
         style = self.style(request.style)
         options = self.options_for(request, style)
         notes = ()
@@ -234,17 +260,19 @@ class Console:
                 old, self.encoder, self._stale = self.encoder, self._connect(), False
                 old.close()
             try:
-                image, timings, item = render_one(self.node, self.encoder, prompt, options, loras=style.loras,
-                                                  progress=progress)
+                result, timings, item = render_one(self.node, self.encoder, prompt, options, loras=style.loras,
+                                                   progress=progress)
             except ServerUnavailable:
                 self._stale = True
                 raise
-            path = save_image(image, self.out_dir / f"{next(self._numbers):05d}-seed{options.seed}.png")
+            used = self.node.builder.used(item)
+            out = self.out_dir / f"{next(self._numbers):05d}-seed{options.seed}{self.suffix}"
+            path, note = media.save_output(result, out, self.node.media, fps=used.get("fps"))
             self.renders += 1
-        used = self.node.builder.used(item)
         done = replace(request, seed=options.seed, steps=used["steps"], width=used["width"], height=used["height"],
-                       guidance=used["guidance"] if self.facts.guidance is not None else None)
-        return Rendered(path, done, style, timings, notes)
+                       guidance=used["guidance"] if self.facts.guidance is not None else None,
+                       num_frames=used.get("num_frames"), fps=used.get("fps"))
+        return Rendered(path, done, style, timings, notes + ((note,) if note else ()))
 
     def encoder_line(self) -> str:
         """The encoder server's address, health and models, and the model this node renders with."""

@@ -2,9 +2,10 @@
 
 Every element a person (or a browser test) looks for carries a visible label: "Prompt", "Style", "Seed", "Steps",
 "Width", "Height", "Guidance", "Generate", "Result", "Info", "History", "Encoder server" and, where the model takes
-them, "Negative", "True CFG scale" and "Reference images". Labels and hints never contain another element's label,
-so that a search by label (which matches parts of labels) finds one element. Generate runs through Gradio's queue one request at
-a time; the page turns every failure into a message in "Info" (and a notice) and stays usable.
+them, "Negative", "True CFG scale", "Reference images" and (video families) "Frames" and "FPS". Labels and hints never
+contain another element's label, so that a search by label (which matches parts of labels) finds one element. A video
+shows in a video player when it is an MP4, as an animated image when it is a GIF. Generate runs through Gradio's queue
+one request at a time; the page turns every failure into a message in "Info" (and a notice) and stays usable.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from denoiser_client.ui.console import RANDOM_SEED, Console, ConsoleRequest, Ren
 logger = logging.getLogger(__name__)
 
 # The result fills its frame, whatever the image size (a tiny test model makes 32 px images).
-CSS = "#result img { width: 100%; height: 100%; object-fit: contain; }"
+CSS = "#result img, #result video { width: 100%; height: 100%; object-fit: contain; }"
 STATUS_SECONDS = 5.0  # how often an open page asks for the encoder server's health
+FRAMES_HINT = "4k+1: the video VAE packs 4 into each latent frame after the first."
 # System fonts only: Gradio's default theme loads its fonts from a web font service, and a node may be offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
@@ -81,7 +83,7 @@ def build_page(console: Console) -> gr.Blocks:
                                               placeholder="a red fox in a snowy forest at dusk")
                 if facts.negative_prompt:
                     fields["negative_prompt"] = gr.Textbox(label="Negative", lines=1,
-                                                           info=_negative_hint(facts.family))
+                                                           info=_negative_hint(facts.family, facts.media))
                 fields["style"] = gr.Dropdown(label="Style", choices=console.style_names, value=console.style_names[0],
                                               info="LoRA styles loaded once at start; switching does not reload.")
                 with gr.Row():
@@ -99,13 +101,23 @@ def build_page(console: Console) -> gr.Blocks:
                                                              label="True CFG scale",
                                                              info="Above 1, what to leave out counts too (two "
                                                                   "passes per denoising step).")
+                if facts.video:
+                    with gr.Row():
+                        fields["num_frames"] = gr.Slider(1, max(161, facts.num_frames), value=facts.num_frames, step=4,
+                                                         label="Frames", info=FRAMES_HINT)
+                        fields["fps"] = gr.Number(label="FPS", value=facts.fps, precision=0,
+                                                  info="Playback rate of the saved file, per second.")
                 if facts.max_reference_images:
                     fields["reference_images"] = gr.File(label="Reference images", file_count="multiple",
                                                          file_types=["image"], type="filepath")
                 generate = gr.Button("Generate", variant="primary")
             with gr.Column(scale=3):
-                result = gr.Image(label="Result", type="filepath", format="png", interactive=False,
-                                  elem_id="result", height=512, buttons=["download", "fullscreen"])
+                if console.suffix == ".mp4":
+                    result = gr.Video(label="Result", format=None, interactive=False, elem_id="result", height=512,
+                                      autoplay=True, loop=True, buttons=["download"])
+                else:  # a PNG, or a video as GIF: browsers animate it
+                    result = gr.Image(label="Result", type="filepath", format="png", interactive=False,
+                                      elem_id="result", height=512, buttons=["download", "fullscreen"])
                 info = gr.Textbox(label="Info", lines=6, interactive=False)
         gallery = gr.Gallery(label="History", columns=8, height=240, fit_columns=False, object_fit="contain",
                              allow_preview=False, type="filepath", interactive=False, elem_id="history",
@@ -152,10 +164,10 @@ FOLLOW_UP = {  # what a person at the page can do next
 }
 
 
-def _negative_hint(family: str) -> str:
+def _negative_hint(family: str, media: str) -> str:
     if family == "flux1":
-        return "What the image should not show; counts once true CFG is above 1."
-    return "What the image should not show; counts when Guidance is above 1."
+        return f"What the {media} should not show; counts once true CFG is above 1."
+    return f"What the {media} should not show; counts when the CFG scale is above 1."
 
 
 def request_from(form: dict) -> ConsoleRequest:
@@ -167,7 +179,8 @@ def request_from(form: dict) -> ConsoleRequest:
                           width=_int(form.get("width")), height=_int(form.get("height")),
                           guidance=form.get("guidance"), negative_prompt=form.get("negative_prompt") or None,
                           true_cfg_scale=form.get("true_cfg_scale"),
-                          reference_images=tuple(refs if isinstance(refs, (list, tuple)) else [refs]))
+                          reference_images=tuple(refs if isinstance(refs, (list, tuple)) else [refs]),
+                          num_frames=_int(form.get("num_frames")), fps=_int(form.get("fps")))
 
 
 def _int(value):
@@ -175,12 +188,15 @@ def _int(value):
 
 
 def entry_of(rendered: Rendered) -> dict:
-    """A history entry: the PNG, the form as it was rendered (the drawn seed, so picking it gives the same image)."""
+    """A history entry: the file, the form as it was rendered (the drawn seed, so picking it gives the same image or
+    video)."""
     r = rendered.request
     form = {"prompt": r.prompt, "style": r.style, "seed": r.seed, "steps": r.steps, "width": r.width,
             "height": r.height, "guidance": r.guidance, "negative_prompt": r.negative_prompt or "",
-            "true_cfg_scale": r.true_cfg_scale, "reference_images": list(r.reference_images) or None}
-    caption = f"{r.style} · seed {r.seed} · {r.steps} steps · {r.width}x{r.height} · {r.prompt[:60]}"
+            "true_cfg_scale": r.true_cfg_scale, "reference_images": list(r.reference_images) or None,
+            "num_frames": r.num_frames, "fps": r.fps}
+    frames = "" if r.num_frames is None else f" · {r.num_frames} frames"
+    caption = f"{r.style} · seed {r.seed} · {r.steps} steps · {r.width}x{r.height}{frames} · {r.prompt[:60]}"
     return {"path": str(rendered.path), "form": form, "info": rendered.info(), "caption": caption}
 
 
@@ -212,7 +228,7 @@ def start_console(node, encoder, styles: list, *, out_dir, host: str = "127.0.0.
         encoder ([`RemoteTextEncoder`]): the encoder server's client (`connect` makes a fresh one after an outage).
         styles (`list[Style]`): from `styles.load_styles`; a style whose LoRA fails its check is left out and
             reported on the page and in the log.
-        out_dir (`str` or `os.PathLike`): where the images are saved.
+        out_dir (`str` or `os.PathLike`): where the images (or videos) are saved.
         host (`str`), port (`int`): where to listen (port 0: a free one).
 
     Returns:
