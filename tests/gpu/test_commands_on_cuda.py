@@ -1,5 +1,5 @@
-"""Every command a user runs, on CUDA, for every family: serve, models, generate, batch, encode and demo with tiny
-models; each memory option and `--vram auto` with a small budget; an fp32 server feeding a bf16 node. Images made
+"""Every command a user runs, on CUDA, for every family: serve, models, generate, batch, encode, demo and the web
+console's renders with tiny models; each memory option and `--vram auto` with a small budget; an fp32 server feeding a bf16 node. Images made
 through the split equal the plain diffusers pipeline's on the same device and dtype.
 
 Commands run through `promptcast.cli.main`, the console script's own entry point, in this process (a Python
@@ -91,6 +91,32 @@ def test_generate_on_cuda_equals_the_plain_pipeline(served, tmp_path, capsys):
         assert np.array_equal(np.asarray(Image.open(out)), plain_image(family, model, "a fox on a gpu"))
     else:
         assert out.exists() or out.with_name(f"{out.stem}_frames").is_dir()  # MP4, or its frames without an encoder
+
+
+def test_the_web_console_on_cuda_saves_what_generate_saves(served, tmp_path, capsys):
+    """The console's render (the page's Generate) on a CUDA node: the same file as `generate --out` (a video: GIF)."""
+    from denoiser_client import RemoteTextEncoder
+    from denoiser_client.node import DenoiserNode
+    from denoiser_client.ui.console import Console, ConsoleRequest
+    from denoiser_client.ui.styles import load_styles
+
+    family, model, server = served
+    video = FAMILIES[family].media == "video"
+    out = tmp_path / ("generate.gif" if video else "generate.png")
+    frames = ["--num-frames", "5"] if video else []
+    code, _, err = cli(capsys, "generate", "--encoder", server.address, "--model", model, "--out", out,
+                       "--device", "cuda", *CALL, *frames, "--prompt", "a fox on a gpu")
+    assert code == 0, err
+    with RemoteTextEncoder(server.address, timeout=60) as encoder:
+        node = DenoiserNode.load(encoder, str(model), device="cuda")
+        console = Console(node, encoder, load_styles(None, None), tmp_path / "console")
+        console.suffix = ".gif" if video else ".png"  # the format generate wrote above
+        rendered = console.render(ConsoleRequest(prompt="a fox on a gpu", seed=3, steps=2, width=64, height=64,
+                                                 num_frames=5 if video else None))
+    if video:
+        assert rendered.path.read_bytes() == out.read_bytes()
+    else:
+        assert np.array_equal(np.asarray(Image.open(rendered.path)), np.asarray(Image.open(out)))
 
 
 def test_batch_on_cuda_makes_the_same_image_as_generate(served, tmp_path, capsys):
