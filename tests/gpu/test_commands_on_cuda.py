@@ -99,6 +99,7 @@ def test_the_web_console_on_cuda_saves_what_generate_saves(served, tmp_path, cap
     from denoiser_client.node import DenoiserNode
     from denoiser_client.ui.console import Console, ConsoleRequest
     from denoiser_client.ui.styles import load_styles
+    from shared.config import parse_dtype
 
     family, model, server = served
     video = FAMILIES[family].media == "video"
@@ -108,7 +109,8 @@ def test_the_web_console_on_cuda_saves_what_generate_saves(served, tmp_path, cap
                        "--device", "cuda", *CALL, *frames, "--prompt", "a fox on a gpu")
     assert code == 0, err
     with RemoteTextEncoder(server.address, timeout=60) as encoder:
-        node = DenoiserNode.load(encoder, str(model), device="cuda")
+        # As `promptcast ui --device cuda` loads it: --dtype auto is bf16 on CUDA.
+        node = DenoiserNode.load(encoder, str(model), device="cuda", dtype=parse_dtype("auto", "cuda"))
         console = Console(node, encoder, load_styles(None, None), tmp_path / "console")
         console.suffix = ".gif" if video else ".png"  # the format generate wrote above
         rendered = console.render(ConsoleRequest(prompt="a fox on a gpu", seed=3, steps=2, width=64, height=64,
