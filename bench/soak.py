@@ -46,6 +46,7 @@ SCHEDULE = [(0.15, "redis_restart"), (0.25, "cut"), (0.35, "kill_replica"), (0.4
             (0.65, "redis_restart"), (0.8, "cut")]
 REDIS_DOWN_SECONDS = 1.0
 REPLICA_DOWN_SECONDS = 1.0
+REDIS_RETRY_SECONDS = 2.0  # how long a server skips Redis after finding it unreachable (RedisCache.retry_interval)
 
 
 def free_port() -> int:
@@ -61,6 +62,7 @@ class Redis:
         self.binary, self.port = binary, free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = None
+        self.up_since = 0.0  # time.monotonic() when it last answered a ping after starting
 
     def start(self) -> None:
         import redis
@@ -73,6 +75,7 @@ class Redis:
         while True:
             try:
                 client.ping()
+                self.up_since = time.monotonic()
                 return
             except redis.exceptions.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -234,6 +237,7 @@ def main() -> None:
             replica.sample()
             if replica.restarting is not None:
                 replica.restarting.join(180)
+        settle(replicas, redis)
         codes = {r.name: _stop(r) for r in replicas}
     finally:
         for proxy in proxies:
@@ -253,6 +257,19 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("totals", "verdict")}, indent=2))
     print(f"wrote {args.out}")
     sys.exit(0 if report["verdict"]["passed"] else 1)
+
+
+def settle(replicas, redis) -> None:
+    """One cache miss on each replica once its Redis retry interval has passed since Redis came back: an outage it
+    noticed is then followed by its "reachable again" line before it is stopped, however little traffic it had at
+    the end of a short run."""
+    from denoiser_client import RemoteTextEncoder
+
+    time.sleep(max(0.0, redis.up_since + REDIS_RETRY_SECONDS + 0.5 - time.monotonic()))
+    for replica in replicas:
+        if replica.proc.poll() is None:
+            with RemoteTextEncoder(f"127.0.0.1:{replica.port}", timeout=60) as client:
+                client.encode(f"settle probe for replica {replica.name} at {time.time()}")
 
 
 def inject(kind, redis, replicas, proxies, fault) -> None:

@@ -62,7 +62,7 @@ class RedisTier:
                 was_healthy, self.healthy = self.healthy, False
             if was_healthy:
                 logger.error("Redis cache at %s is unreachable (%s: %s); serving from the other tiers and retrying "
-                             "every %.0fs", self.url, type(e).__name__, e, self.retry_interval)
+                             "every %gs", self.url, type(e).__name__, e, self.retry_interval)
             return None
         if not self.healthy:
             with self._lock:

@@ -197,6 +197,7 @@ def test_redis_killed_mid_run_keeps_serving_and_reconnects(tiny_flux1, tmp_path,
         r.start()  # same port: the tier must find it again
         time.sleep(tier.retry_interval + 0.1)
         _, info = client.encode("after the outage", max_sequence_length=16, with_info=True)
+        s.server.service.cache.flush()  # Redis is written in the background
         assert tier.healthy and "reachable again" in caplog.text
         assert r.client().exists(PREFIX + info.cache_keys[0])
 
