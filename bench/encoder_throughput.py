@@ -361,14 +361,24 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
         encoder.after_baseline()  # FLUX.2: from diffusers' whole Mistral3 to the server's truncated decoder
     report["direct"] = direct_batches(encoder, args.direct_batches, flops, peak)
 
-    def served(label, clients):
-        levels = server_levels(encoder, clients, args.seconds, pool, processes, args, label)
+    def served(label, clients, on=None):
+        levels = server_levels(on or encoder, clients, args.seconds, pool, processes, args, label)
         for level in levels.values():
             level["mfu"] = round(level["prompts_per_s"] * flops / 1e12 / peak, 3)
             level["x_diffusers"] = round(level["prompts_per_s"] / base["prompts_per_s"], 2)
         return levels
 
     report["server"] = served(name, args.clients)
+    if args.process_worker:  # the same encoder built again in a child process (`--worker process`)
+        from encoder_server.worker_process import ProcessEncoder
+
+        child = ProcessEncoder(json.dumps({"family": name, "tiny": args.tiny, "tokenizer_dir": str(tokenizer_dir)}),
+                               name=encoder.name, device=str(device), dtype=dtype,
+                               factory="encoder_throughput:process_encoder")
+        try:
+            report["process_worker"] = served(f"{name}-process", args.clients, on=child)
+        finally:
+            child.close()
     if name == "flux1" and args.quantize:
         report["quantized"] = quantized_variants(encoder, args, pool, processes, peak, flops)
     fidelity_prompts = [prompt(i, "variant") for i in range(8)]
@@ -444,6 +454,16 @@ def accelerate(encoder, variant: str):
     return undo
 
 
+def process_encoder(source: str, *, device, dtype, **_):
+    """What a `--worker process` child builds for the benchmark: the same random-weight encoder, from the same seed."""
+    spec = json.loads(source)
+    build = {"flux1": flux1_encoder, "flux2": flux2_encoder}[spec["family"]]
+    encoder = build(torch.device(device), dtype, spec["tiny"], pathlib.Path(spec["tokenizer_dir"]))
+    if hasattr(encoder, "after_baseline"):
+        encoder.after_baseline()
+    return encoder
+
+
 def encoder_modules(encoder):
     if hasattr(encoder, "pipe"):
         return [encoder.pipe.text_encoder, encoder.pipe.text_encoder_2]
@@ -465,6 +485,7 @@ def table(report: dict) -> str:
         lines.append(f"{family:8} {'diffusers loop, b1':34} {b['prompts_per_s']:>10.2f} {b['p50_ms']:>8.1f} "
                      f"{b['p99_ms']:>8.1f} {b['mfu']:>6.1%} {'1.00x':>12} {1:>6}")
         rows = [(f"server (eager), {n} clients", lvl) for n, lvl in res["server"].items()]
+        rows += [(f"server (eager, --worker process), {n} cl.", lvl) for n, lvl in res.get("process_worker", {}).items()]
         for variant, acc in res.get("accelerated", {}).items():
             rows += [(f"{variant}, {n} clients", lvl) for n, lvl in acc.get("levels", {}).items()]
             if "direct" in acc:
@@ -503,6 +524,8 @@ def main():
     parser.add_argument("--accelerated", nargs="*", default=["graphs", "compile+graphs", "fp8-dynamic+compile+graphs"],
                         help="server set-ups also measured (CUDA): '+'-joined graphs, compile and a --quantize mode")
     parser.add_argument("--families", nargs="+", default=["flux1", "flux2"])
+    parser.add_argument("--process-worker", action="store_true",
+                        help="also serve the eager encoder from a child process (--worker process)")
     parser.add_argument("--fidelity-prompts", type=int, default=16)
     parser.add_argument("--direct-batches", type=int, nargs="*", default=[1, 16, 32])
     parser.add_argument("--processes", type=int, default=8, help="client processes (threads share them)")

@@ -262,6 +262,9 @@ class DynamicBatcher:
             on_device = self._launch_rows(jobs, prompts, prompts_2, jobs[0].max_sequence_length)
         except torch.OutOfMemoryError:
             on_device = None  # retried outside the handler: its traceback pins the failed batch's activations
+        except ModelNotReady as e:  # the model's worker process died or is restarting: retryable elsewhere
+            yield from ((job, e) for job in jobs)
+            return
         except Exception as e:  # noqa: BLE001 - every job of the batch must learn what happened
             logger.exception("encode failed on model %r", self.encoder.name)
             error = EncodeFailed(f"encode failed on model {self.encoder.name!r}: {type(e).__name__}: {e}")
@@ -287,6 +290,8 @@ class DynamicBatcher:
         """Each job's rows of a batch, once they are on the host; rows with NaN or Inf fail their job."""
         try:
             on_device.wait()
+        except ModelNotReady as e:  # the model's worker process died holding this batch
+            return [(job, e) for job in on_device.jobs]
         except Exception as e:  # noqa: BLE001 - the device failed this batch (an illegal access, a lost device)
             logger.exception("encode failed on model %r", self.encoder.name)
             error = EncodeFailed(f"encode failed on model {self.encoder.name!r}: {type(e).__name__}: {e}")
@@ -328,6 +333,10 @@ class DynamicBatcher:
         """One forward pass, and per float output which rows are all finite, checked on the device (the CPU never
         scans the bytes): all of it queued for the host in one go, on the device's stream."""
         self.stats.encodes += 1
+        launch = getattr(self.encoder, "launch", None)
+        if launch is not None:  # a model worker in its own process flags the rows and copies to the host itself
+            host, finite, ready = launch(prompts, prompts_2, max_sequence_length)
+            return _OnDevice(jobs, host, finite, ready)
         out = self.encoder.encode(prompts, prompts_2, max_sequence_length)
         finite = {name: host_copy.finite_rows(t) for name, t in out.items() if host_copy.floating(t)}
         host, ready = host_copy.copy_to_host({**out, **{f"finite:{name}": ok for name, ok in finite.items()}})

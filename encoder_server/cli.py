@@ -62,6 +62,10 @@ def serve(
                                                     "Ada/Hopper).")] = None,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay the encoders as CUDA graphs (captured at "
                                               "start-up per batch size; CUDA only; combines with --compile).")] = False,
+    worker: Annotated[str, typer.Option(help="Where each model runs: thread (a worker thread of the server's "
+                                        "process) or process (a child process of its own, with its own interpreter "
+                                        "lock; outputs handed over in shared memory; restarted if it dies).")
+                      ] = "thread",
 ):
     """Run the encoder server: text encoders only, embeddings streamed over gRPC."""
     from encoder_server.cache import default_memory_bytes
@@ -96,6 +100,8 @@ def serve(
                 parse_bytes(value)
             except ValueError as e:
                 raise ValueError(f"{flag} {e}") from None
+    if worker not in ("thread", "process"):
+        raise ValueError(f"--worker {worker!r}: use thread or process")
     names = [ModelSpec.parse(m, family) for m in model]
     for spec in names:
         if not spec.source:
@@ -125,7 +131,7 @@ def serve(
                      token_file=text(token_file), metrics_port=metrics_port, health_port=health_port,
                      gpu_timeout=gpu_timeout, http_port=http_port)
     config = replace(config, max_batch_tokens=max_batch_tokens, compile=compile, quantize=quantize,
-                     cuda_graphs=cuda_graphs)
+                     cuda_graphs=cuda_graphs, worker=worker)
 
     async def run():
         await EncoderServer(config).run_until_signal()

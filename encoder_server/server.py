@@ -86,6 +86,7 @@ class ServerConfig:
     compile: bool = False  # torch.compile the encoders' repeated blocks, warmed at start-up
     quantize: str | None = None  # int8 | nf4 (bitsandbytes), fp8 (torchao): the large text encoder only
     cuda_graphs: bool = False  # replay the encoders' forwards as CUDA graphs, captured at start-up per batch bucket
+    worker: str = "thread"  # "process": each model in a child process of its own (encoder_server/worker_process.py)
 
 
 class EncoderServer:
@@ -95,6 +96,7 @@ class EncoderServer:
     def __init__(self, config: ServerConfig, *, encoders=None, interceptors=(), credentials=None):
         self.config = config
         self._preloaded = encoders
+        self._owned: list = []  # encoders this server loaded (and so closes)
         batcher_options = dict(max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
                                max_queue=config.max_queue, max_batch_tokens=config.max_batch_tokens)
         self.metrics = ServerMetrics()
@@ -172,7 +174,10 @@ class EncoderServer:
             logger.info("HTTP gateway on %s://%s:%d", self.gateway.scheme, self.config.host, self.gateway.port)
         logger.info("listening on %s:%d (NOT_SERVING until the models are warm)", self.config.host, self.port)
         encoders = self._preloaded if self._preloaded is not None else await asyncio.to_thread(self._load)
+        loop = asyncio.get_running_loop()
         for encoder in encoders:
+            if hasattr(encoder, "on_state"):  # a worker process that dies and restarts: health follows it
+                encoder.on_state = lambda ready: loop.call_soon_threadsafe(self._worker_state, ready)
             self.service.add(encoder)
         await self.service.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -184,12 +189,19 @@ class EncoderServer:
         dtype = parse_dtype(self.config.dtype, self.config.device)
         options = {k: v for k, v in (("compile", self.config.compile), ("quantize", self.config.quantize),
                                      ("cuda_graphs", self.config.cuda_graphs)) if v}
-        encoders = []
+        load = get_encoder
+        if self.config.worker == "process":
+            from encoder_server.worker_process import ProcessEncoder as load
         for spec in self.config.models:
             logger.info("loading the text encoders of %s", spec.source)
-            encoders.append(get_encoder(spec.source, name=spec.name, family=spec.family,
-                                        device=self.config.device, dtype=dtype, **options))
-        return encoders
+            self._owned.append(load(spec.source, name=spec.name, family=spec.family, device=self.config.device,
+                                    dtype=dtype, **options))
+        return list(self._owned)
+
+    def _worker_state(self, ready: bool) -> None:
+        if not self.service.draining:
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            asyncio.get_running_loop().create_task(self._set_health(status))
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight streams finish within `grace`, then cancel what is
@@ -219,6 +231,10 @@ class EncoderServer:
         # Closing the batchers and the packing threads before they have would fail or strand what they wait on.
         await self._wait_for_calls(UNWIND_SECONDS)
         await self.service.close()
+        for encoder in self._owned:  # worker processes stop once their batchers are closed
+            close = getattr(encoder, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
         await self.servicer.close()
         self.metrics.stop_http()
         logger.info("drained")

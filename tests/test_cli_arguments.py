@@ -118,6 +118,7 @@ SERVE_CASES = [
     (["--tls-cert", "{tmp}/cert.pem"], "--tls-cert and --tls-key go together"),
     (["--model", "{tmp}/no-such-model"], "does not exist"), (["--model", "{broken}/list"], "holds a JSON list"),
     (["--model", "{broken}/latin1"], "not UTF-8"), (["--model", "name="], "give a source"),
+    (["--worker", "fiber"], "--worker 'fiber': use thread or process"),
 ]
 
 

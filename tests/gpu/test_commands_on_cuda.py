@@ -121,6 +121,22 @@ def test_the_web_console_on_cuda_saves_what_generate_saves(served, tmp_path, cap
         assert np.array_equal(np.asarray(Image.open(rendered.path)), np.asarray(Image.open(out)))
 
 
+@pytest.mark.parametrize("family", ["flux1", "z-image"])
+def test_a_process_worker_on_cuda_sends_the_thread_workers_bytes(tiny_models, family):
+    """`serve --worker process` on CUDA: pinned shared memory, copies queued on the child's stream, the same bytes."""
+    from denoiser_client import RemoteTextEncoder
+
+    got = {}
+    for worker in ("thread", "process"):
+        config = ServerConfig([ModelSpec(str(tiny_models[family]), name="tiny")], port=0, device="cuda",
+                              cache_dir=None, cache_mem=0, worker=worker)
+        with BackgroundServer(config) as server, RemoteTextEncoder(server.address, timeout=60) as client:
+            got[worker] = client.encode(["a fox on a gpu", "two foxes on a gpu"], max_sequence_length=length(family))
+    for name, value in got["thread"].items():
+        pairs = zip(value, got["process"][name]) if isinstance(value, list) else [(value, got["process"][name])]
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs), name
+
+
 def test_batch_on_cuda_makes_the_same_image_as_generate(served, tmp_path, capsys):
     family, model, server = served
     if FAMILIES[family].media != "image":
