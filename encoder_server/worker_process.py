@@ -147,6 +147,7 @@ class ProcessEncoder:
             pending.done_reply = error
             pending.launched.set()
             pending.done.set()
+        self._drop_segments()  # the dead child's: unlinked with it, unmapped here
         if stopping:
             return
         logger.error("model %r: its worker process %d exited (exit code %s); %d requests failed; starting another",
@@ -162,6 +163,9 @@ class ProcessEncoder:
                 child = self._spawn()
                 with self._lock:
                     self._child = child
+                if self._closing:  # closed while this one loaded
+                    self.close()
+                    return
                 self.encode([WARM_PROMPT], None, self.default_max_sequence_length)
                 logger.warning("model %r: worker process %d loaded and warm; serving again", self.name,
                                child.process.pid)
@@ -255,9 +259,15 @@ class ProcessEncoder:
         if _wait(child.process, 30) is None:
             child.process.kill()
             _wait(child.process, 5)
-        for segment in self._segments.values():
-            segment.close()
-        self._segments.clear()
+        self._drop_segments()
+
+    def _drop_segments(self) -> None:
+        for name, segment in list(self._segments.items()):
+            try:
+                segment.close()
+            except BufferError:  # a copy out of it is still running: it is unmapped when that one lets go
+                continue
+            del self._segments[name]
 
 
 def _wait(process: subprocess.Popen, timeout: float) -> int | None:
