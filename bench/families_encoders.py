@@ -33,14 +33,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable from a checkout, uninstalled
 
+from denoiser_node import PROMPTS, peak, reset_peak  # noqa: E402 - the sibling benchmark's, run from bench/
+
 FAMILIES = ("sd3", "qwen-image", "z-image", "wan")
-PROMPTS = [
-    "a photo of a cat sitting on a wooden table next to a cup of coffee, soft morning light",
-    "an astronaut riding a horse on the surface of the moon, digital art, cinematic lighting",
-    "portrait of an old fisherman with a grey beard and a wool hat, oil painting, dramatic shadows",
-    "a futuristic city at night with neon signs, flying cars and rain on the streets, cyberpunk style",
-    "a small red fox sleeping in the snow under a pine tree, wildlife photography",
-]
 LENGTHS = {"sd3": 256, "qwen-image": 512, "z-image": 512, "wan": 512}  # each pipeline __call__'s default
 
 
@@ -55,8 +50,6 @@ def gib(n_bytes):
 def param_bytes(*modules) -> int:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
-
-from denoiser_node import peak, reset_peak  # noqa: E402 - the sibling benchmark's, run from bench/
 
 def sync(device):
     if device.type == "cuda":

@@ -26,7 +26,7 @@ def segments() -> set[str]:
 
 
 def rows(out: dict, i: int) -> dict:
-    return {name: (t[i] if isinstance(t, torch.Tensor) else t[i]) for name, t in out.items()}
+    return {name: t[i] for name, t in out.items()}
 
 
 @pytest.mark.parametrize("family", ["flux1", "z-image"])
