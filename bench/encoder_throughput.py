@@ -370,14 +370,18 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
         return levels
 
     report["server"] = served(name, args.clients)
-    if args.process_worker:  # the same encoder built again in a child process (`--worker process`)
+    # The same encoder built again in a child process (`--worker process`): eager, and replaying CUDA graphs (the
+    # server's default on CUDA) when the graphs set-up is measured too.
+    for graphs in [False, True] if args.process_worker and "graphs" in args.accelerated and device.type == "cuda" \
+            else [False] if args.process_worker else []:
         from encoder_server.worker_process import ProcessEncoder
 
         child = ProcessEncoder(json.dumps({"family": name, "tiny": args.tiny, "tokenizer_dir": str(tokenizer_dir)}),
                                name=encoder.name, device=str(device), dtype=dtype,
-                               factory="encoder_throughput:process_encoder")
+                               factory="encoder_throughput:process_encoder", cuda_graphs=graphs)
+        label = "process_worker_graphs" if graphs else "process_worker"
         try:
-            report["process_worker"] = served(f"{name}-process", args.clients, on=child)
+            report[label] = served(f"{name}-{label}", args.clients, on=child)
         finally:
             child.close()
     if name == "flux1" and args.quantize:
@@ -455,13 +459,16 @@ def accelerate(encoder, variant: str):
     return undo
 
 
-def process_encoder(source: str, *, device, dtype, **_):
-    """What a `--worker process` child builds for the benchmark: the same random-weight encoder, from the same seed."""
+def process_encoder(source: str, *, device, dtype, cuda_graphs=False, **_):
+    """What a `--worker process` child builds for the benchmark: the same random-weight encoder, from the same seed
+    (its forwards graphed as `--cuda-graphs` does, if asked)."""
     spec = json.loads(source)
     build = {"flux1": flux1_encoder, "flux2": flux2_encoder}[spec["family"]]
     encoder = build(torch.device(device), dtype, spec["tiny"], pathlib.Path(spec["tokenizer_dir"]))
     if hasattr(encoder, "after_baseline"):
         encoder.after_baseline()
+    if cuda_graphs:
+        accelerate(encoder, "graphs")
     return encoder
 
 
@@ -487,6 +494,8 @@ def table(report: dict) -> str:
                      f"{b['p99_ms']:>8.1f} {b['mfu']:>6.1%} {'1.00x':>12} {1:>6}")
         rows = [(f"server (eager), {n} clients", lvl) for n, lvl in res["server"].items()]
         rows += [(f"server (eager, --worker process), {n} cl.", lvl) for n, lvl in res.get("process_worker", {}).items()]
+        rows += [(f"graphs, --worker process, {n} clients", lvl)
+                 for n, lvl in res.get("process_worker_graphs", {}).items()]
         for variant, acc in res.get("accelerated", {}).items():
             rows += [(f"{variant}, {n} clients", lvl) for n, lvl in acc.get("levels", {}).items()]
             if "direct" in acc:

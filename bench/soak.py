@@ -49,6 +49,11 @@ REPLICA_DOWN_SECONDS = 1.0
 REDIS_RETRY_SECONDS = 2.0  # how long a server skips Redis after finding it unreachable (RedisCache.retry_interval)
 
 
+def import_path() -> str:
+    """This checkout first, then whatever the caller's path had (wheels unpacked beside the system's site)."""
+    return os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+
+
 def free_port() -> int:
     import socket
 
@@ -106,7 +111,7 @@ class Replica:
         # One torch thread each: two replicas and the clients share the host's cores, and torch's spinning worker
         # threads turn an oversubscribed CPU into latencies of seconds.
         self.proc = subprocess.Popen(self.args, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                                     env={**os.environ, "PYTHONPATH": import_path(), "OMP_NUM_THREADS": "1"})
         self.lives.append({"pid": self.proc.pid, "log": log, "samples": [], "started": time.monotonic(),
                            "redis_outages": 0})
 

@@ -32,6 +32,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from soak import import_path  # noqa: E402
 
 LENGTH = 512
 SIZES = {"flux1_4mib": {"prompt_embeds": (LENGTH, 4096), "pooled_prompt_embeds": (768,)},
@@ -98,7 +101,7 @@ def start_server(model: str, cache_dir: pathlib.Path, extra: list[str]):
     proc = subprocess.Popen([sys.executable, "-m", "promptcast", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--model", f"tiny-flux1={model}", "--device", "cpu", "--cache-dir", str(cache_dir),
                              "--cache-mem", "4GiB", *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": import_path()})
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         for _ in range(600):
             try:

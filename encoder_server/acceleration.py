@@ -35,6 +35,16 @@ def check_acceleration(compile: bool, cuda_graphs: bool, device: torch.device) -
                          "pass --device cuda")
 
 
+def default_cuda_graphs(family: str, device: torch.device) -> bool:
+    """What the server does without `--cuda-graphs` / `--no-cuda-graphs`: replay graphs on CUDA for a family whose
+    pipeline pads every prompt to a fixed length (one graph per batch bucket then serves every request). At batch 1 an
+    eager T5-XXL is bound by Python launching its kernels, and inside a server that Python is slowed by everything
+    else the process does; a replay is one launch, and runs the same kernels."""
+    from shared.families import FAMILIES
+
+    return torch.device(device).type == "cuda" and FAMILIES[family].fixed_text_shapes
+
+
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:
     """The blocks of every `nn.ModuleList` of two or more modules of one class: a transformer's layers."""
     blocks = []
@@ -179,5 +189,5 @@ def _rows(output, bucket: int, rows: int):
                     output)
 
 
-__all__ = ["compile_repeated_blocks", "repeated_blocks", "is_compiled", "attention_report", "warm_up_batch_sizes",
+__all__ = ["default_cuda_graphs", "compile_repeated_blocks", "repeated_blocks", "is_compiled", "attention_report", "warm_up_batch_sizes",
            "enable_cuda_graphs", "CUDAGraphForward", "GRAPH_BUCKETS", "graph_bucket"]

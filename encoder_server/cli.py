@@ -60,8 +60,10 @@ def serve(
                                                     "(bitsandbytes), fp8 (torchao, float8 weights), fp8-dynamic "
                                                     "(torchao, float8 weights and activations: float8 matmuls on "
                                                     "Ada/Hopper).")] = None,
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Replay the encoders as CUDA graphs (captured at "
-                                              "start-up per batch size; CUDA only; combines with --compile).")] = False,
+    cuda_graphs: Annotated[Optional[bool], typer.Option(
+        "--cuda-graphs/--no-cuda-graphs", help="Replay the encoders as CUDA graphs, captured at start-up per batch "
+        "size (combines with --compile). Default: on with a CUDA device, for every family whose pipeline pads "
+        "prompts to a fixed length (all but qwen-image); --no-cuda-graphs runs them eagerly.")] = None,
     worker: Annotated[str, typer.Option(help="Where each model runs: thread (a worker thread of the server's "
                                         "process) or process (a child process of its own, with its own interpreter "
                                         "lock; outputs handed over in shared memory; restarted if it dies).")

@@ -85,7 +85,9 @@ class ServerConfig:
     max_batch_tokens: int = 16 * 512  # padded tokens in one forward pass (prompts x max_sequence_length)
     compile: bool = False  # torch.compile the encoders' repeated blocks, warmed at start-up
     quantize: str | None = None  # int8 | nf4 (bitsandbytes), fp8 (torchao): the large text encoder only
-    cuda_graphs: bool = False  # replay the encoders' forwards as CUDA graphs, captured at start-up per batch bucket
+    # Replay the encoders' forwards as CUDA graphs, captured at start-up per batch bucket. None: on CUDA, for every
+    # family whose pipeline pads its prompts to a fixed length.
+    cuda_graphs: bool | None = None
     worker: str = "thread"  # "process": each model in a child process of its own (encoder_server/worker_process.py)
 
 
@@ -187,8 +189,8 @@ class EncoderServer:
 
     def _load(self):
         dtype = parse_dtype(self.config.dtype, self.config.device)
-        options = {k: v for k, v in (("compile", self.config.compile), ("quantize", self.config.quantize),
-                                     ("cuda_graphs", self.config.cuda_graphs)) if v}
+        options = {k: v for k, v in (("compile", self.config.compile), ("quantize", self.config.quantize)) if v}
+        options["cuda_graphs"] = self.config.cuda_graphs
         load = get_encoder
         if self.config.worker == "process":
             from encoder_server.worker_process import ProcessEncoder as load

@@ -29,7 +29,8 @@ def _child_main(conn, spec: dict) -> None:
     meta = {"name": encoder.name, "family": encoder.family, "source": encoder.source, "outputs": encoder.outputs,
             "fingerprint": encoder.fingerprint, "takes_prompt_2": encoder.takes_prompt_2,
             "default_max_sequence_length": encoder.default_max_sequence_length,
-            "max_sequence_length_limit": encoder.max_sequence_length_limit}
+            "max_sequence_length_limit": encoder.max_sequence_length_limit,
+            "compile": encoder.compile, "cuda_graphs": encoder.cuda_graphs}  # as the child resolved them
     conn.send(("loaded", meta))
     _Worker(encoder, conn).run()
 

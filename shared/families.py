@@ -76,6 +76,9 @@ class Family:
             `__call__`'s default).
         max_sequence_length_limit (`int`): the most text tokens a request may ask for.
         media (`str`): what the pipeline makes: `"image"`, or `"video"` (frames: `WanPipeline`).
+        fixed_text_shapes (`bool`): the pipeline pads every prompt to `max_sequence_length` tokens, so the text
+            encoders' inputs depend only on the batch size, and CUDA graphs captured once per batch bucket serve every
+            request: the server replays them by default on CUDA. False where it pads to the longest prompt.
     """
 
     name: str
@@ -89,6 +92,7 @@ class Family:
     default_max_sequence_length: int = 512
     max_sequence_length_limit: int = 512
     media: str = "image"
+    fixed_text_shapes: bool = True
 
     @property
     def pipeline(self) -> str:
@@ -149,6 +153,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
         negative_prompt=_qwen_image_negative,
         default_max_sequence_length=512,
         max_sequence_length_limit=1024,
+        fixed_text_shapes=False,  # padding=True: each batch is as long as its longest prompt
     ),
     Family(
         name="z-image",

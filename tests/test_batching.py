@@ -22,6 +22,7 @@ from denoiser_client.errors import DeadlineExceeded, EncodeError, InvalidArgumen
 from encoder_server.families import get_encoder
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig, health_status
 from encoder_server.service import Limits
+from shared.families import FAMILIES
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
 
@@ -378,6 +379,20 @@ def test_quantize_and_cuda_graphs_on_cpu_are_refused_before_loading(tiny_flux1):
         get_encoder(str(tiny_flux1), quantize="fp8-dynamic")
     with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device"):
         get_encoder(str(tiny_flux1), cuda_graphs=True)
+
+
+def test_cuda_graphs_are_the_default_on_cuda_where_the_shapes_are_fixed(tiny_flux1):
+    """A lone client is bound by Python launching an eager encoder's kernels: a server on CUDA replays graphs unless
+    told not to, for every family that pads its prompts to a fixed length. Qwen-Image pads to the longest prompt."""
+    from encoder_server.acceleration import default_cuda_graphs
+    from encoder_server.server import ServerConfig
+
+    assert {name for name in FAMILIES if default_cuda_graphs(name, torch.device("cuda"))} == set(FAMILIES) - {
+        "qwen-image"}
+    assert not any(default_cuda_graphs(name, torch.device("cpu")) for name in FAMILIES)
+    assert ServerConfig([]).cuda_graphs is None  # the server resolves it per model, as it loads
+    assert get_encoder(str(tiny_flux1), cuda_graphs=None).cuda_graphs is False  # the default on the CPU: no error
+    assert get_encoder(str(tiny_flux1)).cuda_graphs is False  # the library's own default stays explicit
 
 
 def test_compile_and_cuda_graphs_combine():

@@ -28,8 +28,8 @@ def family_class(family: str) -> type[Encoder]:
 def get_encoder(source: str, *, name: str | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, family: str | None = None, **options) -> Encoder:
     """Load the text encoders of `source` (hub repo id or local folder), picking the family from
-    `model_index.json`'s `_class_name` unless `family` is given. `options` (`compile=`, `quantize=`) reach
-    `Encoder.__init__` and through it `Encoder.prepare_module`."""
+    `model_index.json`'s `_class_name` unless `family` is given. `options` (`compile=`, `quantize=`, `cuda_graphs=`:
+    True, False, or None for the server's default) reach `Encoder.__init__` and through it `Encoder.prepare_module`."""
     from encoder_server.acceleration import check_acceleration
     from encoder_server.quantize import check_quantize
 

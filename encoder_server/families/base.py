@@ -48,10 +48,14 @@ class Encoder(ABC):
     takes_prompt_2: ClassVar[bool] = False
 
     def __init__(self, name: str, source: ModelSource, device: torch.device, dtype: torch.dtype, *,
-                 compile: bool = False, quantize: str | None = None, cuda_graphs: bool = False):
+                 compile: bool = False, quantize: str | None = None, cuda_graphs: bool | None = False):
+        record = FAMILIES[self.family]
+        if cuda_graphs is None:  # the server's default: replay graphs where the device and the shapes allow it
+            from encoder_server.acceleration import default_cuda_graphs
+
+            cuda_graphs = default_cuda_graphs(self.family, device)
         self.name, self.source, self.device, self.dtype = name, source, device, dtype
         self.compile, self.quantize, self.cuda_graphs = compile, quantize, cuda_graphs
-        record = FAMILIES[self.family]
         self.default_max_sequence_length = record.default_max_sequence_length
         self.max_sequence_length_limit = record.max_sequence_length_limit
 
