@@ -79,6 +79,7 @@ class ProcessEncoder:
         self._pending: dict[int, _Pending] = {}
         self._lock = threading.Lock()  # one writer on the pipe at a time; guards _pending and _child
         self._segments: dict[str, shared_memory.SharedMemory] = {}
+        self._segments_lock = threading.Lock()
         self._closing = False
         self._child = self._spawn()
         for key, value in self._child.meta.items():
@@ -240,12 +241,13 @@ class ProcessEncoder:
             self._pending.pop(request, None)
 
     def _segment(self, name: str) -> shared_memory.SharedMemory:
-        segment = self._segments.get(name)
-        if segment is None:
-            segment = shared_memory.SharedMemory(name=name)
-            # The child owns and unlinks it; this process must not (Python's tracker would, at exit).
-            resource_tracker.unregister(segment._name, "shared_memory")
-            self._segments[name] = segment
+        with self._segments_lock:
+            segment = self._segments.get(name)
+            if segment is None:
+                segment = shared_memory.SharedMemory(name=name)
+                # The child owns and unlinks it; this process must not (Python's tracker would, at exit).
+                resource_tracker.unregister(segment._name, "shared_memory")
+                self._segments[name] = segment
         return segment
 
     def close(self) -> None:
@@ -262,12 +264,16 @@ class ProcessEncoder:
         self._drop_segments()
 
     def _drop_segments(self) -> None:
-        for name, segment in list(self._segments.items()):
+        """Unmap the segments mapped here. `close` and the reply reader of a child that exited both come here, on
+        their own threads: each segment is taken out under the lock, so only one of them closes it."""
+        with self._segments_lock:
+            segments, self._segments = self._segments, {}
+        for name, segment in segments.items():
             try:
                 segment.close()
-            except BufferError:  # a copy out of it is still running: it is unmapped when that one lets go
-                continue
-            del self._segments[name]
+            except BufferError:  # a copy out of it is still running: kept, and unmapped when that one lets go
+                with self._segments_lock:
+                    self._segments.setdefault(name, segment)
 
 
 def _wait(process: subprocess.Popen, timeout: float) -> int | None:

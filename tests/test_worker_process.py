@@ -98,3 +98,32 @@ def test_serve_worker_process_as_a_real_command(tiny_flux1, server_process):
     assert server.stop() == 0
     out = server.output()
     assert "runs in worker process" in out and "drained" in out and "Traceback" not in out, out[-3000:]
+
+
+def test_closing_a_worker_unmaps_each_segment_once(tiny_flux1, monkeypatch):
+    """`close()` and the reply reader, which sees the child exit, both let go of the mapped segments, on two threads:
+    neither may close one the other closed (a reader thread dying of EBADF at every shutdown)."""
+    import threading
+    import time
+    from multiprocessing import shared_memory
+
+    errors, closes = [], []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    original = shared_memory.SharedMemory.close
+
+    def slow_close(segment):  # both threads reach the segments while the first is still closing one
+        if segment._mmap is not None:  # still mapped (its finalizer calls close again, on a closed one)
+            closes.append(segment.name)
+            time.sleep(0.3)
+        original(segment)
+
+    monkeypatch.setattr(shared_memory.SharedMemory, "close", slow_close)
+    for _ in range(2):
+        encoder = ProcessEncoder(str(tiny_flux1), name="tiny-flux1")
+        encoder.encode(["a fox in the snow"], None, LENGTH)
+        assert encoder._segments  # one mapped here
+        reader = encoder._child.reader
+        encoder.close()
+        reader.join(30)
+        assert not reader.is_alive() and not encoder._segments
+    assert errors == [] and len(closes) == len(set(closes)) == 2
