@@ -13,8 +13,9 @@ A variable-length output is a list of per-prompt tensors throughout; every other
 Every queue decision (accept, drop, merge) is made on the event loop's thread, so a request
 that joins a job and a worker that drops it never race. The worker thread only tokenizes and queues
 each forward pass and its copy to (pinned) host memory, then takes the next batch; a finishing thread
-waits for the copy (one sync a batch, NaN/Inf flags computed on the device travel with it) and hands
-the rows out. Batches finish in order, with at most one on the device behind the one being launched.
+waits for the copy (one sync a batch, NaN/Inf flags computed on the device travel with it), packs each prompt's
+rows for the wire when asked to, and hands them out. Batches finish in order, with at most one on the device behind
+the one being launched.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class EncodeJob:
     future: asyncio.Future
     waiters: int = 1
     enqueued_at: float = field(default_factory=time.monotonic)
+    packed: list | None = None  # per prompt, what the batcher's `pack` made of its rows (set before the future)
 
     def join(self, deadline: float | None) -> None:
         self.waiters += 1
@@ -75,13 +77,16 @@ class DynamicBatcher:
     """Merges concurrent `submit` calls for one `Encoder` into batched forward passes."""
 
     def __init__(self, encoder: Encoder, *, max_batch_size: int = 16, max_wait_ms: float = 2.0,
-                 max_queue: int = 256, max_batch_tokens: int = 16 * 512, on_batch=None):
+                 max_queue: int = 256, max_batch_tokens: int = 16 * 512, on_batch=None, pack=None):
         self.encoder = encoder
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch  # callback(batch_size, queue_seconds, encode_seconds) for metrics
+        # pack(one prompt's {name: tensor}) -> its wire form, made on the finishing thread as soon as a batch is on the
+        # host, into `job.packed`: no hop to another thread between the device and the answer.
+        self.pack = pack
         self.stats = BatchStats()
         self._queue: deque[EncodeJob] = deque()
         self._wakeup = asyncio.Event()
@@ -246,6 +251,10 @@ class DynamicBatcher:
         outcomes = []
         for step in launched.steps:
             outcomes.extend(self._job_rows(step) if isinstance(step, _OnDevice) else [step])
+        if self.pack is not None:
+            for job, outcome in outcomes:
+                if not isinstance(outcome, Exception):
+                    job.packed = [self.pack({name: t[i] for name, t in outcome.items()}) for i in range(job.rows)]
         ended = time.perf_counter()
         self.stats.busy_seconds += ended - max(launched.started, self._last_ready)  # overlaps counted once
         self._last_ready = ended

@@ -144,17 +144,19 @@ class EmbeddingCache:
                 return packed or tensors, tier.name
         return None
 
-    def put(self, key: str, tensors: Tensors) -> PackedEmbedding | None:
-        """Store in every tier; the memory tier's packed entry, if there is one (send that: it is packed already)."""
-        return self._fill(self.tiers, key, tensors)
+    def put(self, key: str, tensors: Tensors, packed: PackedEmbedding | None = None) -> PackedEmbedding | None:
+        """Store in every tier (`packed`: the same tensors already packed for the wire, what the memory tier keeps);
+        the memory tier's packed entry, if there is one (send that: it is packed already)."""
+        return self._fill(self.tiers, key, tensors, packed)
 
-    def _fill(self, tiers: list[CacheTier], key: str, tensors: Tensors) -> PackedEmbedding | None:
+    def _fill(self, tiers: list[CacheTier], key: str, tensors: Tensors, packed: PackedEmbedding | None = None
+              ) -> PackedEmbedding | None:
         """In-process tiers at once (a request that follows must find the entry); disk and Redis on the
         background thread, so no answer waits for an fsync or a network round trip."""
-        slow, packed = [], None
+        slow, given, packed = [], packed, None
         for tier in tiers:
             if getattr(tier, "fast", False):
-                stored = self._put(tier, key, tensors)
+                stored = self._put(tier, key, given if given is not None and hasattr(tier, "get_packed") else tensors)
                 packed = stored if isinstance(stored, PackedEmbedding) else packed
             else:
                 slow.append(tier)

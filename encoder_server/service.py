@@ -15,7 +15,7 @@ from encoder_server.cache import EmbeddingCache, Tensors
 from encoder_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, NotFound, RequestTooLarge
 from encoder_server.families import Encoder
 from shared.cache_keys import embedding_key
-from shared.tensor_codec import PackedEmbedding
+from shared.tensor_codec import PackedEmbedding, pack_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class EmbeddingService:
             raise ValueError(f"two --model entries are named {encoder.name!r}; use NAME=SRC to tell them apart")
         on_batch = self.metrics.observe_batch if self.metrics is not None else None
         self.encoders[encoder.name] = encoder
-        self.batchers[encoder.name] = DynamicBatcher(encoder, **self.batcher_options, on_batch=on_batch)
+        self.batchers[encoder.name] = DynamicBatcher(encoder, **self.batcher_options, on_batch=on_batch,
+                                                     pack=pack_tensors)
 
     async def start(self) -> None:
         """Start the batchers and run one warm-up encode per model; then the service is ready."""
@@ -186,10 +187,11 @@ class EmbeddingService:
         started = time.perf_counter()
         # The job's outcome is published by a callback, not by the request that queued it: that request may be
         # cancelled while others still wait for the same prompts.
-        job.future.add_done_callback(lambda done: self._settle(done, keys, futures, time.perf_counter() - started))
+        job.future.add_done_callback(
+            lambda done: self._settle(done, job, keys, futures, time.perf_counter() - started))
         return job
 
-    def _settle(self, done: asyncio.Future, keys, futures, seconds: float) -> None:
+    def _settle(self, done: asyncio.Future, job: EncodeJob, keys, futures, seconds: float) -> None:
         error = ModelNotReady("the encode was cancelled") if done.cancelled() else done.exception()
         if error is not None:
             for key, future in futures.items():
@@ -198,8 +200,18 @@ class EmbeddingService:
             self._forget(futures)
             return
         rows = done.result()
-        embeddings = {key: Embedding(key, "miss", {name: t[i] for name, t in rows.items()}, seconds)
-                      for i, key in enumerate(keys)}
+        tensors = [{name: t[i] for name, t in rows.items()} for i in range(len(keys))]
+        if job.packed is not None:
+            # Packed on the batcher's finishing thread: the memory tier only files it, here on the loop (disk and
+            # Redis are written in the background), and the answer goes out with no other thread in between.
+            embeddings = {key: Embedding(key, "miss", packed, seconds) for key, packed in zip(keys, job.packed)}
+            for key, row, packed in zip(keys, tensors, job.packed):
+                self.cache.put(key, row, packed=packed)
+            for key, future in futures.items():
+                future.set_result(embeddings[key])
+            self._forget(futures)
+            return
+        embeddings = {key: Embedding(key, "miss", row, seconds) for key, row in zip(keys, tensors)}
         task = asyncio.get_running_loop().create_task(self._publish(futures, embeddings))
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
