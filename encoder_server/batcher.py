@@ -1,18 +1,17 @@
 """Dynamic batching of encode requests, one GPU worker thread per model.
 
-Requests for the same model and `max_sequence_length` that arrive within `max_wait_ms` of each
-other are merged into one forward pass (bounded by `max_batch_size` prompts and `max_batch_tokens`
-padded tokens); each request gets exactly its own rows back. A lone client does not wait for company: while the
-device is idle, the last batch held one request and only one is queued, it starts at once. The queue is bounded: past
-`max_queue` waiting requests, `submit` raises `Overloaded` at once instead of growing memory.
-A request whose deadline has passed, or whose every waiter went away, is dropped before GPU work.
-A batch that runs out of GPU memory is split in halves and retried; only a request that cannot
-fit on its own fails, with `Overloaded`. Rows with NaN or Inf fail their request (`EncodeFailed`).
-A variable-length output is a list of per-prompt tensors throughout; every other one a `(B, ...)` tensor.
+Requests for the same model and `max_sequence_length` that arrive within `max_wait_ms` of each other are merged into
+one forward pass (bounded by `max_batch_size` prompts and `max_batch_tokens` padded tokens); each request gets exactly
+its own rows back. A lone client does not wait for company: while the device is idle, the last batch held one request
+and only one is queued, it starts at once. The queue is bounded: past `max_queue` waiting requests, `submit` raises
+`Overloaded` at once instead of growing memory. A request whose deadline has passed, or whose every waiter went away,
+is dropped before GPU work. A batch that runs out of GPU memory is split in halves and retried; only a request that
+cannot fit on its own fails, with `Overloaded`. Rows with NaN or Inf fail their request (`EncodeFailed`). A
+variable-length output is a list of per-prompt tensors throughout; every other one a `(B, ...)` tensor.
 
-Every queue decision (accept, drop, merge) is made on the event loop's thread, so a request
-that joins a job and a worker that drops it never race. The worker thread only tokenizes and queues
-each forward pass and its copy to (pinned) host memory, then takes the next batch; a finishing thread
+Every queue decision (accept, drop, merge) is made on the event loop's thread, so a request that joins a job and a
+worker that drops it never race. The worker thread only tokenizes and queues each forward pass and its copy to
+(pinned) host memory, then takes the next batch; a finishing thread
 waits for the copy (one sync a batch, NaN/Inf flags computed on the device travel with it), packs each prompt's
 rows for the wire when asked to, and hands them out. Batches finish in order, with at most one on the device behind
 the one being launched.
@@ -84,9 +83,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self.on_batch = on_batch  # callback(batch_size, queue_seconds, encode_seconds) for metrics
-        # pack(one prompt's {name: tensor}) -> its wire form, made on the finishing thread as soon as a batch is on the
-        # host, into `job.packed`: no hop to another thread between the device and the answer.
-        self.pack = pack
+        self.pack = pack  # one prompt's {name: tensor} -> its wire form, into `job.packed` on the finishing thread
         self.stats = BatchStats()
         self._queue: deque[EncodeJob] = deque()
         self._wakeup = asyncio.Event()
@@ -251,10 +248,9 @@ class DynamicBatcher:
         outcomes = []
         for step in launched.steps:
             outcomes.extend(self._job_rows(step) if isinstance(step, _OnDevice) else [step])
-        if self.pack is not None:
-            for job, outcome in outcomes:
-                if not isinstance(outcome, Exception):
-                    job.packed = [self.pack({name: t[i] for name, t in outcome.items()}) for i in range(job.rows)]
+        for job, outcome in outcomes if self.pack is not None else ():  # packed here: no hop before the answer
+            if not isinstance(outcome, Exception):
+                job.packed = [self.pack({name: t[i] for name, t in outcome.items()}) for i in range(job.rows)]
         ended = time.perf_counter()
         self.stats.busy_seconds += ended - max(launched.started, self._last_ready)  # overlaps counted once
         self._last_ready = ended
