@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from encoder_server.batcher import DynamicBatcher, EncodeJob
 from encoder_server.cache import EmbeddingCache, Tensors
-from encoder_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, NotFound, RequestTooLarge
+from encoder_server.errors import DeadlineExpired, EncodeFailed, InvalidInput, ModelNotReady, NotFound, RequestTooLarge
 from encoder_server.families import Encoder
 from shared.cache_keys import embedding_key
 from shared.tensor_codec import PackedEmbedding, pack_tensors
@@ -63,7 +63,7 @@ class EmbeddingService:
         on_batch = self.metrics.observe_batch if self.metrics is not None else None
         self.encoders[encoder.name] = encoder
         self.batchers[encoder.name] = DynamicBatcher(encoder, **self.batcher_options, on_batch=on_batch,
-                                                     pack=pack_tensors)
+                                                     pack=_pack)
 
     async def start(self) -> None:
         """Start the batchers and run one warm-up encode per model; then the service is ready."""
@@ -201,6 +201,13 @@ class EmbeddingService:
             return
         rows = done.result()
         tensors = [{name: t[i] for name, t in rows.items()} for i in range(len(keys))]
+        failed = next((packed for packed in job.packed or () if isinstance(packed, Exception)), None)
+        if failed is not None:  # nothing to send or cache: the request fails with it, the batcher goes on
+            for future in futures.values():
+                future.set_exception(failed)
+                future.exception()
+            self._forget(futures)
+            return
         if job.packed is not None:
             # Packed on the batcher's finishing thread: the memory tier only files it, here on the loop (disk and
             # Redis are written in the background), and the answer goes out with no other thread in between.
@@ -237,6 +244,15 @@ class EmbeddingService:
             packed = self.cache.put(embedding.key, embedding.tensors)
             if packed is not None:
                 embedding.tensors = packed  # packed by the memory tier: the answer is sent from it as it is
+
+
+def _pack(tensors: Tensors) -> PackedEmbedding | EncodeFailed:
+    """What the batcher's finishing thread makes of each prompt: its wire form, or the error that stopped it."""
+    try:
+        return pack_tensors(tensors)
+    except Exception as e:  # noqa: BLE001 - one request's failure, never the batcher's
+        logger.exception("could not pack an embedding for the wire")
+        return EncodeFailed(f"could not pack the embedding for the wire: {type(e).__name__}: {e}")
 
 
 def describe(encoder: Encoder) -> dict:

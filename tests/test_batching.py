@@ -262,6 +262,26 @@ def test_nan_is_refused_with_internal_and_never_cached(server, encoder):
     assert encoder.encoded("POISON here") == 2  # encoded again: the first answer was not cached
 
 
+def test_a_prompt_that_cannot_be_packed_fails_its_request_and_the_batcher_goes_on(server, encoder, monkeypatch):
+    """Packing for the wire happens on the batcher's finishing thread: a failure there fails that request with
+    INTERNAL (nothing sent, nothing cached) instead of leaving it waiting, and the next batch is served."""
+    import encoder_server.service as service
+
+    real = service.pack_tensors
+
+    def broken(tensors):
+        raise ValueError("simulated packing failure")
+
+    with RemoteTextEncoder(server.address, timeout=60) as client:
+        monkeypatch.setattr(service, "pack_tensors", broken)
+        with pytest.raises(EncodeError, match="could not pack the embedding for the wire: ValueError"):
+            client.encode("a prompt packing fails on", max_sequence_length=LENGTH)
+        monkeypatch.setattr(service, "pack_tensors", real)
+        embeds, info = client.encode("a prompt packing fails on", max_sequence_length=LENGTH, with_info=True)
+    assert info.cache_status == ["miss"] and encoder.encoded("a prompt packing fails on") == 2
+    assert_close({n: t[0] for n, t in embeds.items()}, reference(encoder, "a prompt packing fails on"))
+
+
 class _GatedCopy:
     """Stands in for the CUDA event of a batch's copy to the host: `synchronize()` waits until the test opens it."""
 
