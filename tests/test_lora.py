@@ -37,16 +37,23 @@ def make_lora(transformer: FluxTransformer2DModel, path, seed: int, targets: lis
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def loras(tiny_flux1, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("loras")
+def make_lora_files(tiny_flux1, folder) -> dict[str, str]:
+    """Two LoRAs of the tiny FLUX.1 transformer, `ink` (attention) and `film` (MLPs), and `wrong`: one made for a
+    transformer of other shapes."""
     fresh = lambda: FluxTransformer2DModel.from_pretrained(tiny_flux1, subfolder="transformer")  # noqa: E731
-    a = make_lora(fresh(), folder / "ink.safetensors", 1, ["to_q", "to_k", "to_v", "to_out.0"])
-    b = make_lora(fresh(), folder / "film.safetensors", 2, ["proj_mlp", "proj_out", "ff.net.2"])
     other = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
                                    pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
-    wrong_shape = make_lora(other, folder / "other-model.safetensors", 3, ["to_q", "to_k"])
+    return {"ink": make_lora(fresh(), folder / "ink.safetensors", 1, ["to_q", "to_k", "to_v", "to_out.0"]),
+            "film": make_lora(fresh(), folder / "film.safetensors", 2, ["proj_mlp", "proj_out", "ff.net.2"]),
+            "wrong": make_lora(other, folder / "other-model.safetensors", 3, ["to_q", "to_k"])}
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_flux1, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    files = make_lora_files(tiny_flux1, folder)
+    a, b, wrong_shape = files["ink"], files["film"], files["wrong"]
     unet = folder / "sd15-unet.safetensors"
     save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.randn(4, 320),
                "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.randn(320, 4)}, unet)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusers import FluxTransformer2DModel
-
 from denoiser_client.generate import generate
 from denoiser_client.lora import LoraRef
 from denoiser_client.options import GenerateOptions
-from test_lora import make_lora
+from test_lora import make_lora_files
 
 PROMPT = "a red fox in the snow"
 CALL = dict(steps=2, width=32, height=32, guidance=3.5)  # what every console test asks for
@@ -19,14 +17,9 @@ CALL = dict(steps=2, width=32, height=32, guidance=3.5)  # what every console te
 def make_styles(tiny_flux1, folder: Path) -> dict:
     """Two LoRAs of the tiny FLUX.1 transformer, one made for another transformer, and a styles file using them:
     "ink" (one LoRA, weight 0.8, a prompt template), "mix" (both, 0.5 and 0.7) and "broken" (the wrong one)."""
-    fresh = lambda: FluxTransformer2DModel.from_pretrained(tiny_flux1, subfolder="transformer")  # noqa: E731
     folder.mkdir(parents=True, exist_ok=True)
-    ink = make_lora(fresh(), folder / "ink.safetensors", 1, ["to_q", "to_k", "to_v", "to_out.0"])
-    film = make_lora(fresh(), folder / "film.safetensors", 2, ["proj_mlp", "proj_out", "ff.net.2"])
-    other = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
-                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
-    wrong = make_lora(other, folder / "other-model.safetensors", 3, ["to_q", "to_k"])
+    files = make_lora_files(tiny_flux1, folder)
+    ink, film, wrong = files["ink"], files["film"], files["wrong"]
     styles = folder / "styles.json"
     styles.write_text(json.dumps({"styles": [
         {"name": "ink", "loras": [{"path": "ink.safetensors", "weight": 0.8}], "prompt": "{prompt}, ink wash"},
