@@ -32,7 +32,7 @@ class Limits:
 class Embedding:
     key: str
     cache_status: str  # "miss", "memory", "disk", "redis"
-    tensors: Tensors | PackedEmbedding  # packed once it has been through the memory tier: ready for the wire
+    tensors: Tensors | PackedEmbedding  # packed (ready for the wire): a miss, a memory hit; a lower tier's hit unpacked
     seconds: float = 0.0  # server time: queue + encode for a miss, lookup for a hit
 
     def tensor_dict(self) -> Tensors:
@@ -54,7 +54,6 @@ class EmbeddingService:
         self.ready = False
         self.draining = False
         self._in_flight: dict[str, tuple[asyncio.Future, EncodeJob]] = {}  # cache key -> (result, job)
-        self._publishing: set[asyncio.Task] = set()
         self._variable: dict[str, frozenset[str]] = {}
 
     def add(self, encoder: Encoder) -> None:
@@ -192,58 +191,28 @@ class EmbeddingService:
         return job
 
     def _settle(self, done: asyncio.Future, job: EncodeJob, keys, futures, seconds: float) -> None:
+        """Cache, then answer: a request that follows this one's answer must find the entry. The batcher's finishing
+        thread packed each prompt for the wire; the memory tier only files it, here on the loop (disk and Redis are
+        written in the background), and the answer goes out with no other thread in between."""
         error = ModelNotReady("the encode was cancelled") if done.cancelled() else done.exception()
+        if error is None:  # a prompt that could not be packed: nothing to send or cache, the batcher goes on
+            error = next((packed for packed in job.packed if isinstance(packed, Exception)), None)
         if error is not None:
-            for key, future in futures.items():
+            for future in futures.values():
                 future.set_exception(error)
                 future.exception()  # retrieved: nobody may be waiting any more
             self._forget(futures)
             return
         rows = done.result()
-        tensors = [{name: t[i] for name, t in rows.items()} for i in range(len(keys))]
-        failed = next((packed for packed in job.packed or () if isinstance(packed, Exception)), None)
-        if failed is not None:  # nothing to send or cache: the request fails with it, the batcher goes on
-            for future in futures.values():
-                future.set_exception(failed)
-                future.exception()
-            self._forget(futures)
-            return
-        if job.packed is not None:
-            # Packed on the batcher's finishing thread: the memory tier only files it, here on the loop (disk and
-            # Redis are written in the background), and the answer goes out with no other thread in between.
-            embeddings = {key: Embedding(key, "miss", packed, seconds) for key, packed in zip(keys, job.packed)}
-            for key, row, packed in zip(keys, tensors, job.packed):
-                self.cache.put(key, row, packed=packed)
-            for key, future in futures.items():
-                future.set_result(embeddings[key])
-            self._forget(futures)
-            return
-        embeddings = {key: Embedding(key, "miss", row, seconds) for key, row in zip(keys, tensors)}
-        task = asyncio.get_running_loop().create_task(self._publish(futures, embeddings))
-        self._publishing.add(task)
-        task.add_done_callback(self._publishing.discard)
-
-    async def _publish(self, futures, embeddings) -> None:
-        """Cache, then answer: a request that follows this one's answer must find the entry (memory is
-        filled before the answer; disk and Redis are written in the background)."""
-        try:
-            if self.cache.tiers:
-                await asyncio.to_thread(self._store, list(embeddings.values()))
-        finally:
-            for key, future in futures.items():
-                future.set_result(embeddings[key])
-            self._forget(futures)
+        for i, (key, packed) in enumerate(zip(keys, job.packed)):
+            self.cache.put(key, {name: t[i] for name, t in rows.items()}, packed=packed)
+            futures[key].set_result(Embedding(key, "miss", packed, seconds))
+        self._forget(futures)
 
     def _forget(self, futures) -> None:
         for key, future in futures.items():
             if self._in_flight.get(key, (None,))[0] is future:
                 del self._in_flight[key]
-
-    def _store(self, embeddings: list[Embedding]) -> None:
-        for embedding in embeddings:
-            packed = self.cache.put(embedding.key, embedding.tensors)
-            if packed is not None:
-                embedding.tensors = packed  # packed by the memory tier: the answer is sent from it as it is
 
 
 def _pack(tensors: Tensors) -> PackedEmbedding | EncodeFailed:
