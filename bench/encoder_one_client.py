@@ -25,6 +25,7 @@ between two processes. Each server set-up: `--worker thread|process`, eager and 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing as mp
 import pathlib
@@ -59,7 +60,7 @@ class Tracer:
         original = getattr(owner, name)
         records = self.records
 
-        if _is_coroutine(original):
+        if inspect.iscoroutinefunction(original):
             async def traced(*args, **kwargs):
                 start = time.perf_counter()
                 try:
@@ -106,12 +107,6 @@ class Tracer:
                 out[phase].append(seconds)
         return {"calls_matched": len(out["launch"]),
                 **{phase: round(1000 * statistics.median(v), 2) if v else None for phase, v in out.items()}}
-
-
-def _is_coroutine(fn) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(fn)
 
 
 def one_client(job) -> list[tuple[float, float]]:
