@@ -30,12 +30,13 @@ UNWIND_SECONDS = 10.0  # most a drain waits, once the server has stopped, for th
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
-    # Clients ping every 30s to find dead links (keepalive); without these the server would answer
-    # pings during a long encode with GOAWAY "too_many_pings".
+    # Clients ping every 30s to find dead links (keepalive), also mid-encode: no GOAWAY "too_many_pings" for that.
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # Flow control's BDP pings can come closer than that on a busy server; 2 strikes would GOAWAY the connection.
+    ("grpc.http2.max_ping_strikes", 0),
     # Clients reconnect every few minutes, re-resolving dns:/// names: new replicas get traffic.
     # In-flight calls keep their connection for up to the grace period.
     ("grpc.max_connection_age_ms", 300_000),
