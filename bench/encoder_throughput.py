@@ -372,14 +372,15 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
     report["server"] = served(name, args.clients)
     # The same encoder built again in a child process (`--worker process`): eager, and replaying CUDA graphs (the
     # server's default on CUDA) when the graphs set-up is measured too.
-    for graphs in [False, True] if args.process_worker and "graphs" in args.accelerated and device.type == "cuda" \
-            else [False] if args.process_worker else []:
+    for variant in args.process_worker if device.type == "cuda" else [v for v in args.process_worker if not v]:
         from encoder_server.worker_process import ProcessEncoder
 
+        parts = variant.split("+") if variant else []
         child = ProcessEncoder(json.dumps({"family": name, "tiny": args.tiny, "tokenizer_dir": str(tokenizer_dir)}),
                                name=encoder.name, device=str(device), dtype=dtype,
-                               factory="encoder_throughput:process_encoder", cuda_graphs=graphs)
-        label = "process_worker_graphs" if graphs else "process_worker"
+                               factory="encoder_throughput:process_encoder", cuda_graphs="graphs" in parts,
+                               compile="compile" in parts)
+        label = "_".join(["process_worker", *parts])
         try:
             report[label] = served(f"{name}-{label}", args.clients, on=child)
         finally:
@@ -459,16 +460,17 @@ def accelerate(encoder, variant: str):
     return undo
 
 
-def process_encoder(source: str, *, device, dtype, cuda_graphs=False, **_):
+def process_encoder(source: str, *, device, dtype, cuda_graphs=False, compile=False, **_):
     """What a `--worker process` child builds for the benchmark: the same random-weight encoder, from the same seed
-    (its forwards graphed as `--cuda-graphs` does, if asked)."""
+    (its blocks compiled and its forwards graphed as `--compile` and `--cuda-graphs` do, if asked)."""
     spec = json.loads(source)
     build = {"flux1": flux1_encoder, "flux2": flux2_encoder}[spec["family"]]
     encoder = build(torch.device(device), dtype, spec["tiny"], pathlib.Path(spec["tokenizer_dir"]))
     if hasattr(encoder, "after_baseline"):
         encoder.after_baseline()
-    if cuda_graphs:
-        accelerate(encoder, "graphs")
+    parts = [p for p, on in (("compile", compile), ("graphs", cuda_graphs)) if on]
+    if parts:
+        accelerate(encoder, "+".join(parts))
     return encoder
 
 
@@ -493,9 +495,10 @@ def table(report: dict) -> str:
         lines.append(f"{family:8} {'diffusers loop, b1':34} {b['prompts_per_s']:>10.2f} {b['p50_ms']:>8.1f} "
                      f"{b['p99_ms']:>8.1f} {b['mfu']:>6.1%} {'1.00x':>12} {1:>6}")
         rows = [(f"server (eager), {n} clients", lvl) for n, lvl in res["server"].items()]
-        rows += [(f"server (eager, --worker process), {n} cl.", lvl) for n, lvl in res.get("process_worker", {}).items()]
-        rows += [(f"graphs, --worker process, {n} clients", lvl)
-                 for n, lvl in res.get("process_worker_graphs", {}).items()]
+        for label, levels in res.items():
+            if label.startswith("process_worker"):
+                setup = "+".join(label.split("_")[2:]) or "eager"
+                rows += [(f"{setup}, --worker process, {n} cl.", lvl) for n, lvl in levels.items()]
         for variant, acc in res.get("accelerated", {}).items():
             rows += [(f"{variant}, {n} clients", lvl) for n, lvl in acc.get("levels", {}).items()]
             if "direct" in acc:
@@ -534,13 +537,16 @@ def main():
     parser.add_argument("--accelerated", nargs="*", default=["graphs", "compile+graphs", "fp8-dynamic+compile+graphs"],
                         help="server set-ups also measured (CUDA): '+'-joined graphs, compile and a --quantize mode")
     parser.add_argument("--families", nargs="+", default=["flux1", "flux2"])
-    parser.add_argument("--process-worker", action="store_true",
-                        help="also serve the eager encoder from a child process (--worker process)")
+    parser.add_argument("--process-worker", nargs="*", default=None,
+                        help="also serve the encoder from a child process (--worker process), as each '+'-joined "
+                             "set-up of graphs and compile named (none: eager and graphs)")
     parser.add_argument("--fidelity-prompts", type=int, default=16)
     parser.add_argument("--direct-batches", type=int, nargs="*", default=[1, 16, 32])
     parser.add_argument("--processes", type=int, default=8, help="client processes (threads share them)")
     args = parser.parse_args()
     args.seconds = args.seconds or (1.5 if args.tiny else 5.0)
+    args.process_worker = [] if args.process_worker is None else args.process_worker or ["", "graphs"]
+    args.process_worker = ["" if v == "eager" else v for v in args.process_worker]
     device = torch.device("cpu" if args.tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("full-size shapes need a CUDA device; pass --tiny to smoke-test on the CPU")
