@@ -16,7 +16,8 @@ CLOCK_MONOTONIC, one clock for every process of the host):
 
 Beside it, measured in the same run: diffusers' `FluxPipeline.encode_prompt` loop at batch 1 (the baseline of
 "never slower than in-process", run first and last: the faster counts), the encoder alone at batch 1, and the raw loopback socket moving the same bytes
-between two processes. Each server set-up: `--worker thread|process`, eager and `--cuda-graphs`.
+between two processes. Each server set-up: `--worker thread|process`, eager and `--cuda-graphs`, each with the
+answer streamed and written into the client's shared memory (the default for a loopback client).
 
     python bench/encoder_one_client.py --out bench/results/encoder_one_client_h200.json   # CUDA, ~5 min
     python bench/encoder_one_client.py --tiny --out /tmp/one_client.json                 # CPU smoke test
@@ -110,11 +111,11 @@ class Tracer:
 
 def one_client(job) -> list[tuple[float, float]]:
     """The client process: sequential calls, one new prompt each, for `seconds`; (start, end) of each."""
-    address, seconds, tag = job
+    address, seconds, tag, shared_memory = job
     from denoiser_client import RemoteTextEncoder
 
     calls = []
-    with RemoteTextEncoder(address, timeout=120) as client:
+    with RemoteTextEncoder(address, timeout=120, shared_memory=shared_memory) as client:
         client.models()
         for i in range(3):
             client.encode(prompt(i, f"{tag}-warm"))
@@ -200,7 +201,7 @@ def cpu_profile(encoder, tag: str, calls: int = 30, top: int = 15) -> list:
              "cumulative_ms_per_call": round(1000 * ct / calls, 3)} for (file, line, name), (_, _, tt, ct, _) in rows]
 
 
-def serve_one_client(encoder, pool, seconds: float, tag: str, start_timeout: float) -> dict:
+def serve_one_client(encoder, pool, seconds: float, tag: str, start_timeout: float, shared_memory: bool) -> dict:
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 
     config = ServerConfig([ModelSpec("bench", name=encoder.name)], port=0, cache_mem=1 << 30, cache_dir=None,
@@ -209,7 +210,7 @@ def serve_one_client(encoder, pool, seconds: float, tag: str, start_timeout: flo
         server = BackgroundServer(config, encoders=[encoder])
         try:
             server.start(timeout=start_timeout)
-            calls = pool.apply(one_client, ((server.address, seconds, tag),))
+            calls = pool.apply(one_client, ((server.address, seconds, tag, shared_memory),))
         finally:
             server.stop()
     level = summarize([c1 - c0 for c0, c1 in calls], calls[-1][1] - calls[0][0])
@@ -255,6 +256,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test)")
     parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 8, tiny 2)")
     parser.add_argument("--workers", nargs="+", default=["thread", "process"])
+    parser.add_argument("--transports", nargs="+", choices=["stream", "shared_memory"],
+                        default=["stream", "shared_memory"], help="how the answer reaches the client (the client "
+                        "on loopback uses shared memory by default; stream: shared_memory=False)")
     parser.add_argument("--start-timeout", type=float, default=600)
     args = parser.parse_args()
     seconds = args.seconds or (2.0 if args.tiny else 8.0)
@@ -287,18 +291,19 @@ def main() -> None:
             print("  " + "\n  ".join(f"{r['own_ms_per_call']:>7.3f} {r['cumulative_ms_per_call']:>7.3f} "
                                       f"{r['function']}" for r in level["cpu_profile"]), flush=True)
             for worker in args.workers:
-                label = f"{worker}_{'graphs' if graphs else 'eager'}"
                 served = encoder if worker == "thread" else process_encoder(encoder, args.tiny, tokenizer_dir, graphs)
                 try:
-                    report["servers"][label] = serve_one_client(served, pool, seconds, label, args.start_timeout)
+                    for transport in args.transports:
+                        label = f"{worker}_{'graphs' if graphs else 'eager'}_{transport}"
+                        report["servers"][label] = level = serve_one_client(
+                            served, pool, seconds, label, args.start_timeout, transport == "shared_memory")
+                        level["x_diffusers"] = round(level["prompts_per_s"] /
+                                                     report["diffusers_batch1"]["prompts_per_s"], 3)
+                        args.out.parent.mkdir(parents=True, exist_ok=True)
+                        args.out.write_text(json.dumps(report, indent=2) + "\n")
                 finally:
                     if served is not encoder:
                         served.close()
-                base = report["diffusers_batch1"]
-                report["servers"][label]["x_diffusers"] = round(
-                    report["servers"][label]["prompts_per_s"] / base["prompts_per_s"], 3)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(report, indent=2) + "\n")
             set_graphs(encoder, False)
         # The diffusers loop again, last: on a shared machine the host's speed drifts within a run, and an eager loop
         # at batch 1 is bound by it. The faster of its two runs is the baseline.
@@ -309,11 +314,11 @@ def main() -> None:
         for level in report["servers"].values():
             level["x_diffusers"] = round(level["prompts_per_s"] / report["diffusers_batch1"]["prompts_per_s"], 3)
     base = report["diffusers_batch1"]
-    print(f"{'path':28} {'prompts/s':>10} {'p50 ms':>8} {'x diffusers':>12}  " + " ".join(f"{p:>10}" for p in PHASES))
-    print(f"{'diffusers loop, batch 1':28} {base['prompts_per_s']:>10.2f} {base['p50_ms']:>8.1f} {1:>12.2f}")
+    print(f"{'path':36} {'prompts/s':>10} {'p50 ms':>8} {'x diffusers':>12}  " + " ".join(f"{p:>10}" for p in PHASES))
+    print(f"{'diffusers loop, batch 1':36} {base['prompts_per_s']:>10.2f} {base['p50_ms']:>8.1f} {1:>12.2f}")
     for label, level in report["servers"].items():
         phases = level["phases_ms"]
-        print(f"{'server ' + label:28} {level['prompts_per_s']:>10.2f} {level['p50_ms']:>8.1f} "
+        print(f"{'server ' + label:36} {level['prompts_per_s']:>10.2f} {level['p50_ms']:>8.1f} "
               f"{level['x_diffusers']:>12.2f}  " + " ".join(f"{phases[p] or 0:>10.2f}" for p in PHASES))
     print(f"raw socket p50 {report['raw_socket']['p50_ms']} ms for {report['raw_socket']['bytes']} bytes")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ The server is a real `promptcast serve` subprocess (the tiny FLUX.1 model: no en
 the real sizes are written into its disk cache before it starts, under the keys it computes: a FLUX.1 entry (T5
 (512, 4096) + CLIP pooled (768,), bf16: 4 MiB) and a FLUX.2-dev one ((512, 15360) bf16: 15 MiB). The first request
 of each is a disk hit that fills the memory tier; every measured request after it is a memory hit. Sequential
-latency alternates rounds of gRPC and raw-socket transfers so both see the same machine. Then `--clients` concurrent
+latency alternates rounds of each transport (the bytes streamed over gRPC; written by the server into the client's
+shared memory, `RemoteTextEncoder(shared_memory=True)`) and raw-socket transfers, so all see the same machine. Then `--clients` concurrent
 clients (threads over `--client-procs` processes, one channel each) ask for memory hits for `--seconds`: the
 aggregate rate the server streams at.
 
@@ -132,39 +133,53 @@ def summary(seconds: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 3), "mean_ms": round(float(ms.mean()), 3)}
 
 
+TRANSPORTS = {"stream": False, "shared_memory": True}  # RemoteTextEncoder(shared_memory=...)
+
+
 def sequential(address: str, raw_port: int, sizes: dict[str, int], per_size: int, iters: int) -> dict:
+    """Memory hits through each transport (the bytes streamed over gRPC; written into the client's shared memory),
+    in rounds alternating with raw-socket transfers of the same size."""
     from denoiser_client import RemoteTextEncoder
 
     results = {}
-    with RemoteTextEncoder(address, timeout=60) as enc, socket.create_connection(("127.0.0.1", raw_port)) as sock:
+    clients = {name: RemoteTextEncoder(address, timeout=60, shared_memory=on) for name, on in TRANSPORTS.items()}
+    with socket.create_connection(("127.0.0.1", raw_port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buffer = memoryview(bytearray(max(sizes.values())))
         for name, size in sizes.items():
             for i in range(per_size):  # disk hits: fill the memory tier
-                enc.encode(prompt_of(name, i), max_sequence_length=LENGTH)
-            grpc_s, raw_s = [], []
+                clients["stream"].encode(prompt_of(name, i), max_sequence_length=LENGTH)
+            times: dict[str, list[float]] = {transport: [] for transport in [*clients, "raw"]}
             for round_start in range(0, iters, 10):
-                for i in range(round_start, min(iters, round_start + 10)):
-                    started = time.perf_counter()
-                    _, info = enc.encode(prompt_of(name, i % per_size), max_sequence_length=LENGTH, with_info=True)
-                    grpc_s.append(time.perf_counter() - started)
-                    assert info.cache_status == ["memory"], info.cache_status
+                for transport, enc in clients.items():
+                    for i in range(round_start, min(iters, round_start + 10)):
+                        started = time.perf_counter()
+                        _, info = enc.encode(prompt_of(name, i % per_size), max_sequence_length=LENGTH,
+                                             with_info=True)
+                        times[transport].append(time.perf_counter() - started)
+                        assert info.cache_status == ["memory"], info.cache_status
+                        assert info.shared_memory == TRANSPORTS[transport], (transport, info)
                 for _ in range(10):
                     started = time.perf_counter()
                     raw_transfer(sock, buffer, size)
-                    raw_s.append(time.perf_counter() - started)
-            g, r = summary(grpc_s), summary(raw_s)
-            results[name] = {"bytes": size, "grpc_memory_hit": g, "raw_socket": r,
+                    times["raw"].append(time.perf_counter() - started)
+            g, m, r = summary(times["stream"]), summary(times["shared_memory"]), summary(times["raw"])
+            results[name] = {"bytes": size, "grpc_memory_hit": g, "shared_memory_hit": m, "raw_socket": r,
                              "p50_ratio": round(g["p50_ms"] / r["p50_ms"], 2),
+                             "shared_memory_p50_ratio": round(m["p50_ms"] / r["p50_ms"], 2),
                              "grpc_p50_gb_per_s": round(size / g["p50_ms"] / 1e6, 2),
+                             "shared_memory_p50_gb_per_s": round(size / m["p50_ms"] / 1e6, 2),
                              "raw_p50_gb_per_s": round(size / r["p50_ms"] / 1e6, 2)}
-            print(f"{name}: gRPC p50 {g['p50_ms']:.2f} ms, raw socket p50 {r['p50_ms']:.2f} ms, "
-                  f"ratio {results[name]['p50_ratio']:.2f}x", flush=True)
+            print(f"{name}: streamed p50 {g['p50_ms']:.2f} ms, shared memory p50 {m['p50_ms']:.2f} ms, raw socket "
+                  f"p50 {r['p50_ms']:.2f} ms; ratios {results[name]['p50_ratio']:.2f}x, "
+                  f"{results[name]['shared_memory_p50_ratio']:.2f}x", flush=True)
+    for enc in clients.values():
+        enc.close()
     return results
 
 
 def _hammer(address: str, name: str, threads: int, per_size: int, start_at: float, stop_at: float, out,
-            client_options: list[str]) -> None:
+            client_options: list[str], shared_memory: bool) -> None:
     """A client process: `threads` threads, one channel each, asking for memory hits until `stop_at`."""
     sys.path.insert(0, str(ROOT))
     add_client_options(client_options)
@@ -173,7 +188,7 @@ def _hammer(address: str, name: str, threads: int, per_size: int, start_at: floa
     counts = [0] * threads
 
     def loop(t):
-        with RemoteTextEncoder(address, timeout=120) as enc:
+        with RemoteTextEncoder(address, timeout=120, shared_memory=shared_memory) as enc:
             enc.encode(prompt_of(name, t % per_size), max_sequence_length=LENGTH)  # connect before the clock
             while time.time() < start_at:
                 time.sleep(0.01)
@@ -190,22 +205,22 @@ def _hammer(address: str, name: str, threads: int, per_size: int, start_at: floa
 
 
 def concurrent(address: str, name: str, size: int, clients: int, procs: int, per_size: int, seconds: float,
-               client_options: list[str]) -> dict:
+               client_options: list[str], transport: str = "stream") -> dict:
     spawn = mp.get_context("spawn")
     out = spawn.Queue()
     start_at = time.time() + 8 + procs
     stop_at = start_at + seconds
     threads = [clients // procs + (1 if p < clients % procs else 0) for p in range(procs)]
-    workers = [spawn.Process(target=_hammer, args=(address, name, n, per_size, start_at, stop_at, out, client_options))
-               for n in threads if n]
+    workers = [spawn.Process(target=_hammer, args=(address, name, n, per_size, start_at, stop_at, out, client_options,
+                                                   TRANSPORTS[transport])) for n in threads if n]
     for w in workers:
         w.start()
     answers = sum(out.get(timeout=seconds + 300) for _ in workers)
     for w in workers:
         w.join(30)
     rate = answers * size / seconds
-    print(f"{name}: {clients} clients, {answers / seconds:.1f} hits/s, {rate / 1e9:.2f} GB/s", flush=True)
-    return {"clients": clients, "client_processes": len(workers), "seconds": seconds,
+    print(f"{name}, {transport}: {clients} clients, {answers / seconds:.1f} hits/s, {rate / 1e9:.2f} GB/s", flush=True)
+    return {"transport": transport, "clients": clients, "client_processes": len(workers), "seconds": seconds,
             "hits_per_s": round(answers / seconds, 1), "gb_per_s": round(rate / 1e9, 3)}
 
 
@@ -217,6 +232,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32, help="0: sequential latency only")
     parser.add_argument("--client-procs", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--transports", nargs="+", choices=list(TRANSPORTS), default=list(TRANSPORTS),
+                        help="the concurrent part's transports, each measured in turn")
     parser.add_argument("--server-arg", action="append", default=[], help="extra `promptcast serve` argument")
     parser.add_argument("--client-option", action="append", default=[], help="extra channel option NAME=VALUE")
     parser.add_argument("--pin", action="store_true", help="sequential part: servers (gRPC and raw) on CPU 0, this "
@@ -249,9 +266,11 @@ def main() -> None:
         if args.pin:
             pin([server.pid], every_cpu)
             os.sched_setaffinity(0, every_cpu)
-        report["concurrent"] = {name: concurrent(address, name, size, args.clients, args.client_procs, args.entries,
-                                                 args.seconds, args.client_option)
-                                for name, size in sizes.items()} if args.clients else {}
+        report["concurrent"] = {
+            name if transport == "stream" else f"{name}_{transport}": concurrent(
+                address, name, size, args.clients, args.client_procs, args.entries, args.seconds, args.client_option,
+                transport)
+            for name, size in sizes.items() for transport in args.transports} if args.clients else {}
     finally:
         if server is not None:
             server.terminate()

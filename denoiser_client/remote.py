@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from denoiser_client import errors
+from shared import shared_memory as same_host
 from shared.collate import STACK, Layout, batch_of, collate
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
@@ -88,6 +89,7 @@ class EncodeInfo:
     target: str = ""
     attempts: int = 1
     request_id: str = ""  # sent as x-request-id; the server logs it with the call
+    shared_memory: int = 0  # prompts whose bytes the server wrote into this process's shared memory
 
 
 def _stub(channel: grpc.Channel) -> pb_grpc.TextEncoderStub:
@@ -124,6 +126,10 @@ class RemoteTextEncoder:
         cache_dir (`str` or `os.PathLike`, *optional*):
             Keep embeddings in this folder on the node, keyed like the server's cache: a prompt seen
             before is read from disk with no network call at all (cache status `local`).
+        shared_memory (`bool`, *optional*):
+            Offer the server shared memory (`/dev/shm`) to write embeddings into instead of streaming them: a
+            server on this host does, any other streams. Defaults to on for loopback targets (`localhost`,
+            127.x, ::1, unix sockets) on Linux.
 
     Example:
     ```py
@@ -136,7 +142,7 @@ class RemoteTextEncoder:
     def __init__(self, target: str, *, token: str | None = None, tls_ca: str | os.PathLike | None = None,
                  tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
                  timeout: float = 60.0, retries: int = 4, backoff: float = 0.2,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, shared_memory: bool | None = None):
         self.targets = _split_targets(target)
         if timeout is None or not timeout > 0:
             raise errors.InvalidArgument(f"timeout={timeout!r}: every call needs a deadline, pass seconds > 0")
@@ -150,8 +156,7 @@ class RemoteTextEncoder:
         if tls_ca or tls_cert:
             read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
             credentials = grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
-        # Keepalive pings find a dead link in ~40s even mid-encode (no data flowing), so a call on a
-        # vanished replica fails over instead of waiting for its whole deadline.
+        # Keepalive pings find a dead link in ~40s even mid-encode, so a call on a vanished replica fails over.
         # Subchannels of its own (gRPC shares them process-wide by default): a new client for a server that was
         # down dials it at once, instead of inheriting a shared connection's reconnect backoff (up to two minutes).
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
@@ -163,6 +168,8 @@ class RemoteTextEncoder:
         self._next = 0
         self._models: dict[str, ModelInfo] | None = None
         self.local_cache = None
+        shared_memory = any(map(same_host.is_loopback, self.targets)) if shared_memory is None else shared_memory
+        self._arenas = same_host.ArenaPool() if shared_memory and same_host.supported() else None
         if cache_dir is not None:
             from denoiser_client.local_cache import LocalEmbeddingCache
 
@@ -171,6 +178,8 @@ class RemoteTextEncoder:
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
+        if self._arenas is not None:
+            self._arenas.close()
 
     def __enter__(self):
         return self
@@ -301,7 +310,8 @@ class RemoteTextEncoder:
             out = {name: values if layouts.get(name, Layout()).collate != STACK else torch.stack(values)
                    for name, values in joined.items()}
         return out, EncodeInfo(status, server_keys, remote.bytes_received, time.perf_counter() - started,
-                               remote.server_seconds, remote.target, remote.attempts, remote.request_id)
+                               remote.server_seconds, remote.target, remote.attempts, remote.request_id,
+                               remote.shared_memory)
 
     def _encode_remote(self, prompts: list[str], model: str | None, prompts_2: list[str] | None,
                        max_sequence_length: int | None) -> tuple[dict, EncodeInfo]:
@@ -313,19 +323,26 @@ class RemoteTextEncoder:
             lambda stub: self._stream(stub, request, len(prompts), request_id))
         info = EncodeInfo([CACHE_STATUS_NAMES[h.cache_status] for h in headers], [h.cache_key for h in headers],
                           received, time.perf_counter() - started, max(h.server_seconds for h in headers),
-                          target, attempts)
-        info.request_id = request_id
+                          target, attempts, request_id, sum(h.HasField("in_shared_memory") for h in headers))
         return tensors, info
 
     def _stream(self, stub, request, num_prompts, request_id: str = ""):
-        assembler = EmbeddingAssembler(num_prompts)
-        received = 0
+        # A fresh assembler (and arena) per attempt: a stream cut mid-way is re-requested whole, never stitched.
+        arena = self._arenas.take() if self._arenas is not None else None
+        if arena is not None:
+            request.shared_memory.CopyFrom(arena.target())
+        assembler = EmbeddingAssembler(num_prompts, shared=arena)
+        received, ok = 0, False
         metadata = (*self._metadata, ("x-request-id", request_id)) if request_id else self._metadata
-        # A fresh assembler per attempt: a stream cut mid-way is re-requested whole, never stitched.
-        for message in stub.Encode(request, timeout=self.timeout, metadata=metadata):
-            received += message.nbytes if isinstance(message, memoryview) else message.ByteSize()
-            assembler.feed(message)
-        return assembler.result(), assembler.headers, received
+        try:
+            for message in stub.Encode(request, timeout=self.timeout, metadata=metadata):
+                received += message.nbytes if isinstance(message, memoryview) else message.ByteSize()
+                assembler.feed(message)
+            result, ok = assembler.result(), True
+        finally:
+            if arena is not None:  # kept for the next call only after a clean end: a server may still be writing
+                self._arenas.give(arena, assembler.payload_bytes, ok)
+        return result, assembler.headers, received + assembler.shared_bytes
 
     def _call(self, fn):
         """Run `fn(stub)`, moving to the next target on UNAVAILABLE (a dead or draining replica, a cut

@@ -11,6 +11,7 @@ Series (all prefixed `promptcast_`):
 | `batch_size` | histogram (prompts per forward pass) | |
 | `encode_seconds` | histogram (forward pass of a batch) | |
 | `streamed_bytes_total` | counter (response bytes) | model |
+| `shared_memory_bytes_total` | counter (embedding bytes written into a same-host client's shared memory) | model |
 | `cache_hits_total`, `cache_misses_total` | counters (per prompt sent) | tier (hits) |
 | `queue_depth` | gauge, at scrape | model |
 | `serving` | gauge: 1 when health is SERVING | |
@@ -65,6 +66,9 @@ class ServerMetrics:
                                         buckets=_SECONDS, registry=r)
         self.streamed_bytes = Counter("promptcast_streamed_bytes", "Encode response bytes sent.", ["model"],
                                       registry=r)
+        self.shared_memory_bytes = Counter("promptcast_shared_memory_bytes", "Embedding bytes written into a "
+                                           "same-host client's shared memory instead of streamed.", ["model"],
+                                           registry=r)
         self.cache_hits = Counter("promptcast_cache_hits", "Prompts answered from a cache tier.", ["tier"],
                                   registry=r)
         self.cache_misses = Counter("promptcast_cache_misses", "Prompts that needed an encode.", registry=r)
@@ -82,6 +86,13 @@ class ServerMetrics:
         self.batch_size.observe(batch_size)
         self.queue_seconds.observe(queue_seconds)
         self.encode_seconds.observe(encode_seconds)
+
+    def observe_shared_memory(self, nbytes: int) -> None:
+        """Called by the servicer for each prompt whose bytes it wrote into the client's shared memory."""
+        call = _CURRENT_CALL.get()
+        if call is not None and call.encodes:
+            call.bytes += nbytes
+            self.shared_memory_bytes.labels(call.model).inc(nbytes)
 
     def observe_cache(self, statuses: list[str]) -> None:
         """Called by the service with the cache status of every prompt it answers (`miss`, `memory`, ...)."""

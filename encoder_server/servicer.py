@@ -2,9 +2,11 @@
 
 `Encode` answers with messages serialized off the event loop. An embedding that has been through the memory tier (a
 hit, or a miss once it is stored) is already packed there (CRC32 and chunk messages): it only gets its header. Any
-other is packed (`pack_embedding`) on a worker thread, every prompt of the request at once, in parallel, while the
+other is packed (`pack_tensors`) on a worker thread, every prompt of the request at once, in parallel, while the
 loop streams the ones already packed. The loop, which every client's stream shares, then only hands finished bytes
-to gRPC.
+to gRPC. A request that names shared memory the server can write into (a client on this host,
+`shared.shared_memory`) gets each prompt's bytes copied there by a packing thread, and its header alone on the
+stream.
 
 `Encode` writes with `context.write` (gRPC's writer API) rather than by yielding: a write that fails because the
 stream is gone (the client cancelled or went away, the connection was cut, the server is stopping) ends the handler
@@ -25,7 +27,9 @@ from grpc import aio
 from encoder_server.service import EmbeddingService, deadline_from, describe
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import CACHE_STATUS, CHUNK_BYTES, COLLATE, DTYPE_NAMES, PackedEmbedding, pack_embedding
+from shared.shared_memory import ServerArena
+from shared.tensor_codec import (CACHE_STATUS, CHUNK_BYTES, COLLATE, DTYPE_NAMES, PackedEmbedding, decode_response,
+                                 embedding_header, pack_tensors)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextEncoder"].full_name
 
@@ -63,19 +67,27 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
             deadline=deadline_from(context.time_remaining()))
         variable = self.service.variable_outputs(request.model)
         loop = asyncio.get_running_loop()
-        packed = [_ready(pack_embedding(index, e.key, CACHE_STATUS[e.cache_status], e.tensors, e.seconds, CHUNK_BYTES,
-                                        variable))
-                  if isinstance(e.tensors, PackedEmbedding) else  # a header to add: no thread hop
-                  loop.run_in_executor(self.packers, pack_embedding, index, e.key, CACHE_STATUS[e.cache_status],
-                                       e.tensors, e.seconds, CHUNK_BYTES, variable)
-                  for index, e in enumerate(embeddings)]
+        packed = [_ready(e.tensors) if isinstance(e.tensors, PackedEmbedding) else  # packed already: no thread hop
+                  loop.run_in_executor(self.packers, pack_tensors, e.tensors, CHUNK_BYTES) for e in embeddings]
+        arena = ServerArena.open(request.shared_memory) if request.HasField("shared_memory") else None
         try:
-            for prompt in packed:
-                for message in await prompt:
+            for index, (e, prompt) in enumerate(zip(embeddings, packed)):
+                done = await prompt
+                offset = arena.reserve(done.nbytes) if arena is not None else None
+                if offset is not None and not await loop.run_in_executor(self.packers, arena.write, offset,
+                                                                         map(decode_response, done.chunks)):
+                    offset = None
+                elif offset is not None and self.service.metrics is not None:
+                    self.service.metrics.observe_shared_memory(done.nbytes)
+                header = embedding_header(index, e.key, CACHE_STATUS[e.cache_status], done, e.seconds, variable,
+                                          offset)
+                for message in (header,) if offset is not None else (header, *done.chunks):  # the bytes: there or here
                     await write(context, message)
         finally:
             for prompt in packed:
                 prompt.cancel()
+            if arena is not None:
+                arena.close()
 
 
 def _ready(value) -> asyncio.Future:

@@ -143,10 +143,18 @@ def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.T
     copy (`pack_tensors`), work for a thread; from a `PackedEmbedding` only the header is new. `variable` names the
     variable-length outputs, whose specs say so."""
     packed = tensors if isinstance(tensors, PackedEmbedding) else pack_tensors(tensors, chunk_bytes)
-    header = pb.EncodeResponse(header=pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status,
-                                                         tensors=packed.tensor_specs(variable),
-                                                         server_seconds=server_seconds))
-    return [header.SerializeToString(), *packed.chunks]
+    return [embedding_header(index, key, status, packed, server_seconds, variable), *packed.chunks]
+
+
+def embedding_header(index: int, key: str, status: int, packed: PackedEmbedding, server_seconds: float = 0.0,
+                     variable: Collection[str] = (), shared_memory_offset: int | None = None) -> bytes:
+    """One prompt's serialized header; with `shared_memory_offset`, it says the bytes are in the request's shared
+    memory from there (and no chunks follow)."""
+    header = pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status, tensors=packed.tensor_specs(variable),
+                                server_seconds=server_seconds)
+    if shared_memory_offset is not None:
+        header.in_shared_memory.offset = shared_memory_offset
+    return pb.EncodeResponse(header=header).SerializeToString()
 
 
 def encode_embedding(index: int, key: str, status: int, tensors: dict[str, torch.Tensor],
@@ -205,9 +213,12 @@ class EmbeddingAssembler:
     is in.
     """
 
-    def __init__(self, num_prompts: int, max_bytes: int = MAX_TENSOR_BYTES):
+    def __init__(self, num_prompts: int, max_bytes: int = MAX_TENSOR_BYTES, shared=None):
         self.num_prompts = num_prompts
         self.max_bytes = max_bytes
+        self.shared = shared  # the call's `shared.shared_memory.Arena`, if it offered one
+        self.shared_bytes = 0  # bytes read from it
+        self.payload_bytes = 0  # every prompt's bytes, each from a 64-byte boundary: what an arena needs for them
         self.tensors: dict[str, torch.Tensor | list[torch.Tensor | None]] = {}
         self.headers: list[pb.EmbeddingHeader | None] = [None] * num_prompts
         self._first: dict[str, tuple[str, tuple[int, ...], bool]] = {}  # name -> the first prompt's dtype, shape, flag
@@ -255,6 +266,29 @@ class EmbeddingAssembler:
         self._targets = [(spec, tensor_bytes(self.tensors[spec.name][header.index])) for spec in header.tensors]
         self._target, self._offset, self._crc = 0, 0, 0
         self._skip_empty_targets()
+        total = sum(spec.byte_length for spec in header.tensors)
+        self.payload_bytes += -(-total // 64) * 64
+        if header.HasField("in_shared_memory"):
+            self._read_shared(header.in_shared_memory.offset, total)
+
+    def _read_shared(self, offset: int, total: int) -> None:
+        """The prompt's bytes from the call's shared memory, checked as chunks are."""
+        if self.shared is None:
+            raise PayloadError(f"prompt {self._current.index}: the header points into shared memory, but this call "
+                               "offered none")
+        try:
+            view = self.shared.view(offset, total)
+        except ValueError as e:
+            raise PayloadError(f"prompt {self._current.index}: {e}") from None
+        try:
+            start = 0
+            for spec, _ in self._targets:
+                if spec.byte_length:
+                    self._write(view[start:start + spec.byte_length])
+                    start += spec.byte_length
+        finally:
+            view.release()
+        self.shared_bytes += total
 
     def _skip_empty_targets(self) -> None:
         while self._target < len(self._targets) and self._offset == self._targets[self._target][1].nbytes:

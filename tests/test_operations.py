@@ -89,9 +89,12 @@ def test_metrics_endpoint_serves_series_that_change_after_a_request(tiny_flux1, 
     assert sample(after, "promptcast_cache_misses_total") - sample(before, "promptcast_cache_misses_total") == 2
     assert sample(after, "promptcast_cache_hits_total", tier="memory") - sample(
         before, "promptcast_cache_hits_total", tier="memory") == 1
-    streamed = (sample(after, "promptcast_streamed_bytes_total", model="tiny-flux1")
-                - sample(before, "promptcast_streamed_bytes_total", model="tiny-flux1"))
-    assert streamed >= 3 * (16 * 48 + 32) * 4  # three embeddings of fp32 prompt_embeds + pooled
+    # The client is on this host: its embeddings were written into its shared memory, their headers streamed.
+    streamed, shared = ((sample(after, f"promptcast_{name}_bytes_total", model="tiny-flux1")
+                         - sample(before, f"promptcast_{name}_bytes_total", model="tiny-flux1"))
+                        for name in ("streamed", "shared_memory"))
+    assert shared == 3 * (16 * 48 + 32) * 4  # three embeddings of fp32 prompt_embeds + pooled
+    assert 0 < streamed < shared
     assert sample(after, "promptcast_batch_size_count") > sample(before, "promptcast_batch_size_count")
     assert sample(after, "promptcast_encode_seconds_sum") > sample(before, "promptcast_encode_seconds_sum")
     assert sample(after, "promptcast_queue_seconds_count") > sample(before, "promptcast_queue_seconds_count")

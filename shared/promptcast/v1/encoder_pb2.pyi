@@ -78,16 +78,32 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("model", "prompts", "prompts_2", "max_sequence_length")
+    __slots__ = ("model", "prompts", "prompts_2", "max_sequence_length", "shared_memory")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_2_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
     prompts_2: _containers.RepeatedScalarFieldContainer[str]
     max_sequence_length: int
-    def __init__(self, model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., prompts_2: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ...) -> None: ...
+    shared_memory: SharedMemoryTarget
+    def __init__(self, model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., prompts_2: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemoryTarget, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryTarget(_message.Message):
+    __slots__ = ("name", "token")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    token: bytes
+    def __init__(self, name: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class SharedMemorySlice(_message.Message):
+    __slots__ = ("offset",)
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    def __init__(self, offset: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "byte_length", "checksum", "variable_length")
@@ -106,18 +122,20 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., checksum: _Optional[str] = ..., variable_length: _Optional[bool] = ...) -> None: ...
 
 class EmbeddingHeader(_message.Message):
-    __slots__ = ("index", "cache_key", "cache_status", "tensors", "server_seconds")
+    __slots__ = ("index", "cache_key", "cache_status", "tensors", "server_seconds", "in_shared_memory")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
     CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SERVER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IN_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     index: int
     cache_key: str
     cache_status: CacheStatus
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     server_seconds: float
-    def __init__(self, index: _Optional[int] = ..., cache_key: _Optional[str] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., server_seconds: _Optional[float] = ...) -> None: ...
+    in_shared_memory: SharedMemorySlice
+    def __init__(self, index: _Optional[int] = ..., cache_key: _Optional[str] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., server_seconds: _Optional[float] = ..., in_shared_memory: _Optional[_Union[SharedMemorySlice, _Mapping]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("header", "chunk")

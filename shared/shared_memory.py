@@ -1,0 +1,233 @@
+"""Embeddings through shared memory, for a client on the server's host.
+
+A client that reaches its server over loopback creates a POSIX shared-memory object per call in flight (an
+`Arena`, reused from call to call) and names it in its `EncodeRequest`, with a 16-byte random token it wrote at the
+object's start. The server opens the object by name, and only if it is one of ours (`promptcast-` and 32 hex digits,
+a regular file of this user, the token read back) writes each prompt's bytes there instead of streaming them; the
+prompt's header then says at which offset (`EmbeddingHeader.in_shared_memory`), and is sent once the bytes are
+written. Every other case streams as before: a server on another host or in another container (no such object), a
+different user (no permission), a prompt that does not fit.
+
+The client checks those bytes as it checks chunks: sizes against the header, CRC-32 against its checksum. A
+call that fails drops its arena (a server may still be writing into it), and an arena of a process that dies is
+unlinked by `multiprocessing`'s resource tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import stat
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from shared.promptcast.v1 import encoder_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "promptcast-"
+TOKEN_BYTES = 16
+DATA_START = 64  # the token, then the prompts' bytes, each from a 64-byte boundary
+ALIGN = 64
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory; elsewhere the server streams
+_NAME = re.compile(r"promptcast-[0-9a-f]{32}")
+LOOPBACK = ("localhost", "127.", "[::1]", "::1", "unix:", "ipv4:127.", "ipv6:[::1]")
+
+
+def supported() -> bool:
+    return sys.platform.startswith("linux") and os.path.isdir(SHM_DIR)
+
+
+def is_loopback(target: str) -> bool:
+    """A target on this host: `localhost`, 127.x, ::1 or a unix socket."""
+    return target.lower().startswith(LOOPBACK)
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class Arena:
+    """One call's shared memory on the client side: created and tokened here, read after the server wrote."""
+
+    def __init__(self, size: int):
+        self.size = max(size, DATA_START + ALIGN)
+        # Registered with the resource tracker: unlinked even if this process is killed.
+        self.memory = shared_memory.SharedMemory(name=PREFIX + uuid.uuid4().hex, create=True, size=self.size)
+        self.token = os.urandom(TOKEN_BYTES)
+        self.memory.buf[:TOKEN_BYTES] = self.token
+
+    @property
+    def name(self) -> str:
+        return self.memory.name.lstrip("/")
+
+    def target(self) -> pb.SharedMemoryTarget:
+        return pb.SharedMemoryTarget(name=self.name, token=self.token)
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """The bytes a header says are at `offset`; a range outside the arena is the server's error."""
+        if offset < DATA_START or offset + length > self.size:
+            raise ValueError(f"shared-memory slice [{offset}, {offset + length}) is outside the call's "
+                             f"{self.size}-byte arena")
+        return self.memory.buf[offset:offset + length]
+
+    def close(self) -> None:
+        self.memory.close()
+        try:
+            self.memory.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class ArenaPool:
+    """The client's arenas: one per call in flight, kept for the next call; sized to the largest answer seen, up to
+    `max_bytes` (a larger answer streams its remaining prompts)."""
+
+    def __init__(self, first_bytes: int = 16 << 20, max_bytes: int = 1 << 30, keep: int = 4):
+        self.want, self.max_bytes, self.keep = first_bytes, max_bytes, keep
+        self.free: list[Arena] = []
+        self.lock = threading.Lock()
+
+    def take(self) -> Arena:
+        with self.lock:
+            while self.free:
+                arena = self.free.pop()
+                if arena.size >= self.want:
+                    return arena
+                arena.close()
+            want = self.want
+        return Arena(want)
+
+    def give(self, arena: Arena, needed: int, ok: bool) -> None:
+        """Back after a call: kept if the call ended well (else a server may still write into it); `needed` is
+        what the whole answer took, from `DATA_START`."""
+        with self.lock:
+            self.want = min(self.max_bytes, max(self.want, aligned(DATA_START + needed)))
+            if ok and len(self.free) < self.keep and arena.size >= self.want:
+                self.free.append(arena)
+                return
+        arena.close()
+
+    def close(self) -> None:
+        with self.lock:
+            free, self.free = self.free, []
+        for arena in free:
+            arena.close()
+
+
+class ServerArena:
+    """A request's shared memory, opened on the server side. `open` returns None for anything that is not one of
+    our objects holding the request's token: the call then streams.
+
+    Mappings are kept (`MAPPINGS`, by name and inode) for the client's next call with the same arena: a fresh mapping
+    would fault in each of its pages again as it is written, which costs as much as the copy."""
+
+    def __init__(self, mapped: mmap.mmap):
+        self.mapped: mmap.mmap | None = mapped
+        self.size = len(mapped)
+        self.end = DATA_START  # where the next prompt goes
+        self.lock = threading.Lock()  # a write on a packing thread, and `close` from the call's end
+
+    @classmethod
+    def open(cls, target: pb.SharedMemoryTarget) -> "ServerArena | None":
+        if not supported() or not _NAME.fullmatch(target.name) or len(target.token) != TOKEN_BYTES:
+            return None
+        try:
+            fd = os.open(os.path.join(SHM_DIR, target.name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # another host or container, another user, gone: stream instead
+            return None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size < DATA_START + ALIGN:
+                return None
+            mapped = MAPPINGS.get(target.name, info)
+            if mapped is None:
+                mapped = mmap.mmap(fd, info.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                MAPPINGS.put(target.name, fd, info, mapped)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if mapped[:TOKEN_BYTES] != target.token:
+            return None
+        return cls(mapped)
+
+    def reserve(self, nbytes: int) -> int | None:
+        """The offset for a prompt of `nbytes`, or None if the rest of the arena is too small."""
+        if self.end + nbytes > self.size:
+            return None
+        offset, self.end = self.end, aligned(self.end + nbytes)
+        return offset
+
+    def write(self, offset: int, pieces) -> bool:
+        """Copy `pieces` (buffers, in order) from `offset`; False if the call ended first."""
+        with self.lock:
+            if self.mapped is None:
+                return False
+            target = np.frombuffer(self.mapped, dtype=np.uint8)
+            for piece in pieces:
+                source = np.frombuffer(piece, dtype=np.uint8)
+                target[offset:offset + source.size] = source  # numpy copies without the GIL
+                offset += source.size
+            return True
+
+    def close(self) -> None:
+        """The call is over: nothing more is written. The mapping itself is unmapped once no call and no kept entry
+        holds it (an arena the client dropped ages out of `MAPPINGS`)."""
+        with self.lock:
+            self.mapped = None
+
+
+class _Mappings:
+    """Mappings of the arenas written into lately, by name: at most `keep` of them and `max_bytes` in all. Each keeps
+    its file open; one whose file the client has unlinked (a closed client, a dropped arena) leaves with the next
+    call a second or more later, or the next new mapping, and an entry counts only while its name is the same file."""
+
+    def __init__(self, keep: int = 64, max_bytes: int = 2 << 30):
+        self.keep, self.max_bytes = keep, max_bytes
+        self.entries: OrderedDict[str, tuple[tuple[int, int, int], int, mmap.mmap]] = OrderedDict()
+        self.lock = threading.Lock()
+        self.swept = 0.0
+
+    def get(self, name: str, info: os.stat_result) -> mmap.mmap | None:
+        with self.lock:
+            if time.monotonic() - self.swept > 1.0:
+                self._sweep()
+            entry = self.entries.get(name)
+            if entry is None or entry[0] != (info.st_dev, info.st_ino, info.st_size):
+                return None
+            self.entries.move_to_end(name)
+            return entry[2]
+
+    def put(self, name: str, fd: int, info: os.stat_result, mapped: mmap.mmap) -> None:
+        with self.lock:
+            self._drop(name)
+            self._sweep()
+            self.entries[name] = ((info.st_dev, info.st_ino, info.st_size), os.dup(fd), mapped)
+            while len(self.entries) > self.keep or sum(len(m) for *_, m in self.entries.values()) > self.max_bytes:
+                self._drop(next(iter(self.entries)))
+
+    def _sweep(self) -> None:
+        for name in [n for n, (_, fd, _) in self.entries.items() if os.fstat(fd).st_nlink == 0]:
+            self._drop(name)
+        self.swept = time.monotonic()
+
+    def _drop(self, name: str) -> None:
+        """Forget an entry; its pages are unmapped once the last call writing into them ends."""
+        entry = self.entries.pop(name, None)
+        if entry is not None:
+            os.close(entry[1])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+MAPPINGS = _Mappings()

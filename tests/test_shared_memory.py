@@ -1,0 +1,158 @@
+"""Embeddings through shared memory for a client on the server's host: the same bytes as the stream, for every
+family; a stream whenever the server cannot or must not write; nothing left in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import pytest
+import torch
+
+from conftest import wait_for
+from denoiser_client import RemoteTextEncoder, errors
+from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
+from promptcast.tiny_models import FAMILIES
+from shared import shared_memory as same_host
+from shared.promptcast.v1 import encoder_pb2 as pb
+from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
+from shared.tensor_codec import EmbeddingAssembler, PayloadError, pack_embedding, pack_tensors
+
+pytestmark = pytest.mark.skipif(not same_host.supported(), reason="POSIX shared memory in /dev/shm (Linux)")
+PROMPTS = ["a fox in the snow", "a lighthouse at dusk, oil on canvas, wide shot", "x"]
+
+
+def ours() -> set[str]:
+    return {name for name in os.listdir(same_host.SHM_DIR) if name.startswith(same_host.PREFIX)}
+
+
+def same(a: dict, b: dict) -> bool:
+    def equal(x, y):
+        if isinstance(x, list):
+            return len(x) == len(y) and all(equal(p, q) for p, q in zip(x, y))
+        return x.dtype == y.dtype and torch.equal(x, y)
+
+    return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_client_on_the_servers_host_gets_the_streams_bytes_through_shared_memory(tiny_models, family):
+    """Misses, then memory hits, three prompts a call (Qwen-Image and Z-Image: each prompt its own length)."""
+    before = ours()
+    config = ServerConfig([ModelSpec(str(tiny_models[family]), name="tiny")], port=0, cache_dir=None)
+    with BackgroundServer(config) as server, RemoteTextEncoder(server.address, timeout=60) as near, \
+            RemoteTextEncoder(server.address, timeout=60, shared_memory=False) as far:
+        for status in ("miss", "memory"):
+            got, info = near.encode(PROMPTS, max_sequence_length=16, with_info=True)
+            streamed, far_info = far.encode(PROMPTS, max_sequence_length=16, with_info=True)
+            assert info.cache_status == [status] * 3 or status == "miss"
+            assert (info.shared_memory, far_info.shared_memory) == (3, 0)
+            assert abs(info.bytes_received - far_info.bytes_received) < 100  # the same bytes, less the chunks' framing
+            assert same(got, streamed)
+        assert len(ours() - before) == 1  # one call at a time: one arena, reused
+    assert ours() <= before  # closing the client unlinks it
+
+
+def test_the_server_streams_to_shared_memory_it_must_not_write_into(flux1_server, tmp_path):
+    """Another token, a name that is not ours, an object that is gone: the server streams, and writes nothing."""
+    arena = same_host.Arena(1 << 20)
+    try:
+        snapshot = bytes(arena.memory.buf)
+        targets = [pb.SharedMemoryTarget(name=arena.name, token=os.urandom(16)),
+                   pb.SharedMemoryTarget(name="../" + arena.name, token=arena.token),
+                   pb.SharedMemoryTarget(name=same_host.PREFIX + "0" * 32, token=arena.token),
+                   pb.SharedMemoryTarget(name=arena.name, token=arena.token[:8])]
+        with grpc.insecure_channel(flux1_server.address) as channel:
+            stub = pb_grpc.TextEncoderStub(channel)
+            for target in targets:
+                request = pb.EncodeRequest(prompts=["a guarded fox"], max_sequence_length=8, shared_memory=target)
+                messages = list(stub.Encode(request, timeout=30))
+                assert not messages[0].header.HasField("in_shared_memory")
+                assert sum(len(m.chunk) for m in messages[1:]) == sum(t.byte_length for t in messages[0].header.tensors)
+        assert bytes(arena.memory.buf) == snapshot
+    finally:
+        arena.close()
+
+
+def test_prompts_that_do_not_fit_the_arena_stream_and_the_next_arena_is_larger(flux1_server):
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as near, \
+            RemoteTextEncoder(flux1_server.address, timeout=60, shared_memory=False) as far:
+        near._arenas = same_host.ArenaPool(first_bytes=same_host.DATA_START + 4096)  # under one prompt's bytes
+        got, info = near.encode(PROMPTS, max_sequence_length=32, with_info=True)
+        assert info.shared_memory == 0 and same(got, far.encode(PROMPTS, max_sequence_length=32))
+        got, info = near.encode(PROMPTS, max_sequence_length=32, with_info=True)
+        assert info.shared_memory == 3 and same(got, far.encode(PROMPTS, max_sequence_length=32))
+
+
+def test_shared_memory_is_offered_to_loopback_targets_only():
+    assert all(map(same_host.is_loopback, ["localhost:50051", "127.0.0.1:1", "[::1]:2", "unix:/tmp/s.sock",
+                                           "ipv4:127.0.0.1:3"]))
+    assert not any(map(same_host.is_loopback, ["encoder.internal:50051", "10.0.0.7:50051", "dns:///enc:1"]))
+    with RemoteTextEncoder("10.0.0.7:50051") as remote, RemoteTextEncoder("127.0.0.1:1") as local, \
+            RemoteTextEncoder("10.0.0.7:50051", shared_memory=True) as asked:
+        assert remote._arenas is None and local._arenas is not None and asked._arenas is not None
+
+
+def test_a_header_pointing_outside_the_arena_or_into_none_is_a_payload_error():
+    tensors = {"prompt_embeds": torch.arange(64, dtype=torch.float32).reshape(4, 16)}
+    packed = pack_tensors(tensors)
+    arena = same_host.Arena(1 << 16)
+    try:
+        for shared, offset in [(None, same_host.DATA_START), (arena, 1 << 16), (arena, 0)]:
+            header = pb.EncodeResponse.FromString(pack_embedding(0, "k" * 64, pb.CACHE_STATUS_MEMORY, packed)[0])
+            header.header.in_shared_memory.offset = offset
+            with pytest.raises(PayloadError, match="shared memory|outside"):
+                EmbeddingAssembler(1, shared=shared).feed(header)
+        # Bytes that are not what the header's checksum says: caught as a flipped chunk would be.
+        header.header.in_shared_memory.offset = same_host.DATA_START
+        with pytest.raises(PayloadError, match="checksum mismatch"):
+            EmbeddingAssembler(1, shared=arena).feed(header)
+    finally:
+        arena.close()
+
+
+def test_a_failed_call_drops_its_arena_and_the_next_call_takes_a_new_one(flux1_server):
+    with RemoteTextEncoder(flux1_server.address, timeout=60, retries=1) as near:
+        near.encode("warm", max_sequence_length=8)
+        kept = list(near._arenas.free)
+        with pytest.raises(errors.PromptcastError):
+            near.encode("a fox", model="no-such-model", max_sequence_length=8)
+        assert all(arena.memory.name not in ours() for arena in kept)  # unlinked: a server might still be writing
+        assert near.encode("a fox", max_sequence_length=8, with_info=True)[1].shared_memory == 1
+
+
+def test_a_killed_clients_arena_is_unlinked(flux1_server):
+    """SIGKILL leaves no /dev/shm object behind: `multiprocessing`'s resource tracker unlinks it."""
+    before = ours()
+    code = textwrap.dedent(f"""
+        import sys, time
+        from denoiser_client import RemoteTextEncoder
+        enc = RemoteTextEncoder({flux1_server.address!r}, timeout=60)
+        assert enc.encode("a doomed fox", max_sequence_length=8, with_info=True)[1].shared_memory == 1
+        print("encoded", flush=True)
+        time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "encoded", child.stderr.read()
+        assert len(ours() - before) == 1
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        assert wait_for(lambda: ours() <= before, timeout=30)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_server_forgets_arenas_whose_clients_unlinked_them(flux1_server):
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as near:
+        near.encode("remembered", max_sequence_length=8)
+        name = near._arenas.free[0].name
+        assert same_host.MAPPINGS.get(name, os.stat(os.path.join(same_host.SHM_DIR, name))) is not None
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as other:
+        other.encode("another client", max_sequence_length=8)  # its new mapping sweeps the unlinked ones
+    assert name not in same_host.MAPPINGS.entries
