@@ -62,6 +62,15 @@ class Arena:
         self.size = max(size, DATA_START + ALIGN)
         # Registered with the resource tracker: unlinked even if this process is killed.
         self.memory = shared_memory.SharedMemory(name=PREFIX + uuid.uuid4().hex, create=True, size=self.size)
+        try:  # every page now: a full /dev/shm fails here, never as SIGBUS in a server writing a page later
+            fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.close()
+            raise
         self.token = os.urandom(TOKEN_BYTES)
         self.memory.buf[:TOKEN_BYTES] = self.token
 
@@ -96,7 +105,8 @@ class ArenaPool:
         self.free: list[Arena] = []
         self.lock = threading.Lock()
 
-    def take(self) -> Arena:
+    def take(self) -> Arena | None:
+        """An arena for one call; None if /dev/shm has no room for one (the call streams)."""
         with self.lock:
             while self.free:
                 arena = self.free.pop()
@@ -104,7 +114,11 @@ class ArenaPool:
                     return arena
                 arena.close()
             want = self.want
-        return Arena(want)
+        try:
+            return Arena(want)
+        except OSError as e:
+            logger.warning("no shared memory for this call (%s); streaming it", e)
+            return None
 
     def give(self, arena: Arena, needed: int, ok: bool) -> None:
         """Back after a call: kept if the call ended well (else a server may still write into it); `needed` is
@@ -146,7 +160,8 @@ class ServerArena:
             return None
         try:
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size < DATA_START + ALIGN:
+            if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size < DATA_START + ALIGN
+                    or info.st_blocks * 512 < info.st_size):  # pages not all there: a write could SIGBUS
                 return None
             mapped = MAPPINGS.get(target.name, info)
             if mapped is None:

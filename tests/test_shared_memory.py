@@ -156,3 +156,34 @@ def test_the_server_forgets_arenas_whose_clients_unlinked_them(flux1_server):
     with RemoteTextEncoder(flux1_server.address, timeout=60) as other:
         other.encode("another client", max_sequence_length=8)  # its new mapping sweeps the unlinked ones
     assert name not in same_host.MAPPINGS.entries
+
+
+def test_a_sparse_object_is_never_written_into(flux1_server):
+    """An object whose pages are not all allocated (a full /dev/shm would fault the server's write with SIGBUS): the
+    server streams."""
+    name = same_host.PREFIX + os.urandom(16).hex()
+    path = os.path.join(same_host.SHM_DIR, name)
+    token = os.urandom(same_host.TOKEN_BYTES)
+    with open(path, "wb") as f:
+        f.write(token)
+        f.truncate(1 << 20)
+    try:
+        request = pb.EncodeRequest(prompts=["a sparse fox"], max_sequence_length=8,
+                                   shared_memory=pb.SharedMemoryTarget(name=name, token=token))
+        with grpc.insecure_channel(flux1_server.address) as channel:
+            header = next(iter(pb_grpc.TextEncoderStub(channel).Encode(request, timeout=30))).header
+        assert not header.HasField("in_shared_memory")
+    finally:
+        os.unlink(path)
+
+
+def test_no_room_in_dev_shm_streams_the_call(flux1_server, monkeypatch, caplog):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as near:
+        before = ours()
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        got, info = near.encode("a crowded fox", max_sequence_length=8, with_info=True)
+        assert info.shared_memory == 0 and got["prompt_embeds"].shape == (1, 8, 48)
+        assert ours() <= before and "no shared memory for this call" in caplog.text
