@@ -328,8 +328,7 @@ class RemoteTextEncoder:
 
     def _stream(self, stub, request, num_prompts, request_id: str = ""):
         # A fresh assembler (and arena) per attempt: a stream cut mid-way is re-requested whole, never stitched.
-        arena = self._arenas.take() if self._arenas is not None else None
-        request.shared_memory.CopyFrom(arena.target()) if arena is not None else request.ClearField("shared_memory")
+        arena = self._arenas.offer(request) if self._arenas is not None else None
         assembler = EmbeddingAssembler(num_prompts, shared=arena)
         received, ok = 0, False
         metadata = (*self._metadata, ("x-request-id", request_id)) if request_id else self._metadata

@@ -120,6 +120,14 @@ class ArenaPool:
             logger.warning("no shared memory for this call (%s); streaming it", e)
             return None
 
+    def offer(self, request: pb.EncodeRequest) -> Arena | None:
+        """An arena for this call, named in `request`; None (and no offer in it) if /dev/shm has no room."""
+        arena = self.take()
+        request.ClearField("shared_memory")  # a retry's request may name the failed attempt's arena
+        if arena is not None:
+            request.shared_memory.CopyFrom(arena.target())
+        return arena
+
     def give(self, arena: Arena, needed: int, ok: bool) -> None:
         """Back after a call: kept if the call ended well (else a server may still write into it); `needed` is
         what the whole answer took, from `DATA_START`."""
