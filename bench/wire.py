@@ -149,6 +149,7 @@ def sequential(address: str, raw_port: int, sizes: dict[str, int], per_size: int
         for name, size in sizes.items():
             for i in range(per_size):  # disk hits: fill the memory tier
                 clients["stream"].encode(prompt_of(name, i), max_sequence_length=LENGTH)
+            clients["shared_memory"].encode(prompt_of(name, 0), max_sequence_length=LENGTH)  # its arena's size
             times: dict[str, list[float]] = {transport: [] for transport in [*clients, "raw"]}
             for round_start in range(0, iters, 10):
                 for transport, enc in clients.items():

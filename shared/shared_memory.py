@@ -97,23 +97,26 @@ class Arena:
 
 
 class ArenaPool:
-    """The client's arenas: one per call in flight, kept for the next call; sized to the largest answer seen, up to
-    `max_bytes` (a larger answer streams its remaining prompts)."""
+    """The client's arenas: one per call in flight, kept for the next calls (at most `keep` idle). A call's arena is
+    sized for its prompts at the most bytes a prompt has taken so far (at least `first_bytes`, at most `max_bytes`):
+    the pages are allocated up front, so a client does not hold more memory than its answers need. A prompt that
+    does not fit streams, and the next arena is larger."""
 
-    def __init__(self, first_bytes: int = 16 << 20, max_bytes: int = 1 << 30, keep: int = 4):
-        self.want, self.max_bytes, self.keep = first_bytes, max_bytes, keep
+    def __init__(self, first_bytes: int = 1 << 20, max_bytes: int = 1 << 30, keep: int = 4):
+        self.first_bytes, self.max_bytes, self.keep = first_bytes, max_bytes, keep
+        self.per_prompt = 0  # the most bytes one prompt's answer has taken, aligned
         self.free: list[Arena] = []
         self.lock = threading.Lock()
 
-    def take(self) -> Arena | None:
-        """An arena for one call; None if /dev/shm has no room for one (the call streams)."""
+    def take(self, prompts: int = 1) -> Arena | None:
+        """An arena for a call of `prompts`; None if /dev/shm has no room for one (the call streams)."""
         with self.lock:
-            while self.free:
-                arena = self.free.pop()
-                if arena.size >= self.want:
-                    return arena
-                arena.close()
-            want = self.want
+            want = min(self.max_bytes, max(self.first_bytes, DATA_START + prompts * self.per_prompt))
+            fits = [arena for arena in self.free if arena.size >= want]
+            if fits:
+                arena = min(fits, key=lambda a: a.size)
+                self.free.remove(arena)
+                return arena
         try:
             return Arena(want)
         except OSError as e:
@@ -122,20 +125,23 @@ class ArenaPool:
 
     def offer(self, request: pb.EncodeRequest) -> Arena | None:
         """An arena for this call, named in `request`; None (and no offer in it) if /dev/shm has no room."""
-        arena = self.take()
+        arena = self.take(len(request.prompts))
         request.ClearField("shared_memory")  # a retry's request may name the failed attempt's arena
         if arena is not None:
             request.shared_memory.CopyFrom(arena.target())
         return arena
 
-    def give(self, arena: Arena, needed: int, ok: bool) -> None:
-        """Back after a call: kept if the call ended well (else a server may still write into it); `needed` is
-        what the whole answer took, from `DATA_START`."""
+    def give(self, arena: Arena, needed: int, prompts: int, ok: bool) -> None:
+        """Back after a call of `prompts` whose whole answer took `needed` bytes: kept if the call ended well (else
+        a server may still be writing into it), the smallest idle arena closed past `keep`."""
         with self.lock:
-            self.want = min(self.max_bytes, max(self.want, aligned(DATA_START + needed)))
-            if ok and len(self.free) < self.keep and arena.size >= self.want:
+            self.per_prompt = max(self.per_prompt, aligned(-(-needed // max(prompts, 1))))
+            if ok:
                 self.free.append(arena)
-                return
+                if len(self.free) <= self.keep:
+                    return
+                arena = min(self.free, key=lambda a: a.size)
+                self.free.remove(arena)
         arena.close()
 
     def close(self) -> None:

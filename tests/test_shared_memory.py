@@ -187,3 +187,26 @@ def test_no_room_in_dev_shm_streams_the_call(flux1_server, monkeypatch, caplog):
         got, info = near.encode("a crowded fox", max_sequence_length=8, with_info=True)
         assert info.shared_memory == 0 and got["prompt_embeds"].shape == (1, 8, 48)
         assert ours() <= before and "no shared memory for this call" in caplog.text
+
+
+def test_the_pool_sizes_arenas_for_their_call_and_keeps_a_few():
+    pool = same_host.ArenaPool(first_bytes=1 << 16, keep=2)
+    try:
+        first = pool.take(8)
+        assert first.size == 1 << 16  # nothing seen yet
+        pool.give(first, needed=8 * 10_000, prompts=8, ok=True)
+        assert pool.per_prompt == same_host.aligned(10_000)
+        assert pool.take(2) is first  # big enough for two prompts at that size
+        larger = pool.take(16)
+        assert larger.size == same_host.DATA_START + 16 * same_host.aligned(10_000)
+        extra = pool.take(1)
+        for arena in (first, larger, extra):
+            pool.give(arena, needed=10_000, prompts=1, ok=True)
+        assert sorted(a.size for a in pool.free) == sorted([larger.size, max(first.size, extra.size)])
+        assert (first.name in ours()) != (extra.name in ours())  # the smallest idle one past `keep` is closed
+        failed = pool.take(1)
+        pool.give(failed, needed=10_000, prompts=1, ok=False)
+        assert failed.name not in ours() and failed not in pool.free
+    finally:
+        pool.close()
+    assert not any(a.name in ours() for a in (first, larger, extra))
