@@ -80,21 +80,23 @@ def copy_model(src, dst, drop=()):
 
 
 class ServerProcess:
-    """`promptcast serve` as a real subprocess on a free port."""
+    """`promptcast serve` as a real subprocess on a free port. Its output goes to a file, not a pipe: a model worker
+    process inherits it, and reading a pipe it still holds open would wait for that process instead of failing."""
 
     def __init__(self, args: list[str], env: dict | None = None):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "promptcast", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+            stdout=self.log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
 
     def wait_serving(self, timeout: float = 120) -> "ServerProcess":
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.address) as channel:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.proc.stdout.read()}")
+                    raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
                 try:
                     if health_status(channel) == "SERVING":
                         return self
@@ -116,7 +118,10 @@ class ServerProcess:
         return self.proc.returncode
 
     def output(self) -> str:
-        return self.proc.stdout.read() if self.proc.poll() is not None else ""
+        if self.proc.poll() is None:
+            return ""
+        self.log.seek(0)
+        return self.log.read()
 
 
 @pytest.fixture
