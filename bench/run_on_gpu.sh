@@ -26,7 +26,9 @@ if [ "${1:-}" = "--tests" ]; then
   log=bench/results/gpu_suite.log
   { date -u; git log -1 --format='commit %H %s' 2>/dev/null || true; } > "$log"
   [ -n "${OUT:-}" ] && cp "$log" "$OUT/gpu_suite.log"  # the log comes back even if the run is cut short
-  python3 -m pytest -p no:cacheprovider -q -rA tests/test_node.py::test_the_readme_python_example_runs_as_written tests/gpu \
+  # A test still running after 200 s gets every thread's stack in the log (pytest's faulthandler), so a hang says where.
+  python3 -m pytest -p no:cacheprovider -q -rA -o faulthandler_timeout=200 \
+    tests/test_node.py::test_the_readme_python_example_runs_as_written tests/gpu \
     "$@" 2>&1 | tee -a "$log" ${OUT:+"$OUT/gpu_suite.log"}
   exit "${PIPESTATUS[0]}"
 fi
