@@ -180,7 +180,7 @@ class ServerArena:
             mapped = MAPPINGS.get(target.name, info)
             if mapped is None:
                 mapped = mmap.mmap(fd, info.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-                MAPPINGS.put(target.name, fd, info, mapped)
+                MAPPINGS.put(target.name, info, mapped)
         except OSError:
             return None
         finally:
@@ -216,13 +216,14 @@ class ServerArena:
 
 
 class _Mappings:
-    """Mappings of the arenas written into lately, by name: at most `keep` of them and `max_bytes` in all. Each keeps
-    its file open; one whose file the client has unlinked (a closed client, a dropped arena) leaves with the next
-    call a second or more later, or the next new mapping, and an entry counts only while its name is the same file."""
+    """Mappings of the arenas written into lately, by name: at most `keep` of them and `max_bytes` in all. A mapping
+    holds no file open (the server's open files do not grow with its clients' arenas); one whose name no longer is
+    the same file (a closed client, a dropped arena) leaves with the next call a second or more later, or with the
+    next new mapping."""
 
     def __init__(self, keep: int = 64, max_bytes: int = 2 << 30):
         self.keep, self.max_bytes = keep, max_bytes
-        self.entries: OrderedDict[str, tuple[tuple[int, int, int], int, mmap.mmap]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[tuple[int, int, int], mmap.mmap]] = OrderedDict()
         self.lock = threading.Lock()
         self.swept = 0.0
 
@@ -231,32 +232,37 @@ class _Mappings:
             if time.monotonic() - self.swept > 1.0:
                 self._sweep()
             entry = self.entries.get(name)
-            if entry is None or entry[0] != (info.st_dev, info.st_ino, info.st_size):
+            if entry is None or entry[0] != _identity(info):
                 return None
             self.entries.move_to_end(name)
-            return entry[2]
+            return entry[1]
 
-    def put(self, name: str, fd: int, info: os.stat_result, mapped: mmap.mmap) -> None:
+    def put(self, name: str, info: os.stat_result, mapped: mmap.mmap) -> None:
         with self.lock:
-            self._drop(name)
             self._sweep()
-            self.entries[name] = ((info.st_dev, info.st_ino, info.st_size), os.dup(fd), mapped)
-            while len(self.entries) > self.keep or sum(len(m) for *_, m in self.entries.values()) > self.max_bytes:
-                self._drop(next(iter(self.entries)))
+            self.entries[name] = (_identity(info), mapped)
+            self.entries.move_to_end(name)
+            while len(self.entries) > self.keep or sum(len(m) for _, m in self.entries.values()) > self.max_bytes:
+                self.entries.popitem(last=False)
 
     def _sweep(self) -> None:
-        for name in [n for n, (_, fd, _) in self.entries.items() if os.fstat(fd).st_nlink == 0]:
-            self._drop(name)
+        """Forget every entry whose name is gone or is another file now; its pages are unmapped once the last call
+        writing into them ends."""
+        for name, (identity, _) in list(self.entries.items()):
+            try:
+                same = _identity(os.stat(os.path.join(SHM_DIR, name))) == identity
+            except OSError:
+                same = False
+            if not same:
+                del self.entries[name]
         self.swept = time.monotonic()
-
-    def _drop(self, name: str) -> None:
-        """Forget an entry; its pages are unmapped once the last call writing into them ends."""
-        entry = self.entries.pop(name, None)
-        if entry is not None:
-            os.close(entry[1])
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_dev, info.st_ino, info.st_size
 
 
 MAPPINGS = _Mappings()

@@ -210,3 +210,32 @@ def test_the_pool_sizes_arenas_for_their_call_and_keeps_a_few():
     finally:
         pool.close()
     assert not any(a.name in ours() for a in (first, larger, extra))
+
+
+def test_a_kept_mapping_holds_one_descriptor_until_its_arena_is_gone():
+    """A server keeps mappings of up to 64 arenas, each holding a descriptor (Python's mmap keeps its file's); those
+    of arenas the clients closed go at the next sweep."""
+    def held(arena) -> int:
+        path = os.path.join(same_host.SHM_DIR, arena.name)
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return sum(link.startswith(path) for link in links)  # a deleted file's link ends in " (deleted)"
+
+    arenas = [same_host.Arena(1 << 16) for _ in range(10)]
+    client_side = [held(arena) for arena in arenas]  # the client's own SharedMemory keeps one too
+    opened = [same_host.ServerArena.open(arena.target()) for arena in arenas]
+    assert all(opened) and [held(a) for a in arenas] == [n + 1 for n in client_side]
+    for server_side in opened:
+        server_side.close()
+    assert [held(a) for a in arenas] == [n + 1 for n in client_side]  # kept for the clients' next calls
+    for arena in arenas:
+        arena.close()
+    same_host.MAPPINGS.swept = 0.0  # the next call sweeps
+    same_host.MAPPINGS.get("none", os.stat(same_host.SHM_DIR))
+    assert not any(arena.name in same_host.MAPPINGS.entries for arena in arenas)
+    del opened, server_side
+    assert not any(held(arena) for arena in arenas)

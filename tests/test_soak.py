@@ -45,6 +45,7 @@ def test_short_soak_loses_nothing(tmp_path):
         fds = life["resources"].get("fds")
         if fds:  # a life long enough to sample: open files stay within a few of where warm-up left them
             assert fds["max"] <= fds["first"] + 8, life
+            assert life["resources"]["arena_fds"]["max"] <= 64, life  # the server's mapping cache at most
     assert lives[2]["encode_lines"] > 0  # the restarted replica took traffic again
     assert report["exit_codes_on_sigterm"] == {"a": 0, "b": 0}
     assert report["verdict"]["passed"], report["verdict"]
