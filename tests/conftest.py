@@ -17,6 +17,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests read MP4s back with imageio in a process with gRPC threads. imageio-ffmpeg starts ffmpeg with
+# preexec_fn=os.setpgrp, which forces a fork, and gRPC's fork handlers then run in the child: they wrote into its
+# stderr in 109 of 300 such forks measured beside a busy server, and once left ffmpeg with no output at all (imageio:
+# "Could not load meta information"). Without the preexec_fn the child is spawned, as `denoiser_client.media` spawns
+# the ffmpeg that writes them.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
 # Servers keep a disk cache by default (~/.cache/promptcast): give the session its own empty cache home, so a
 # rerun never finds the last run's embeddings (tiny models are deterministic, so their cache keys repeat).
 _CACHE_HOME = tempfile.mkdtemp(prefix="promptcast-test-cache-")
