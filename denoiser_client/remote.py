@@ -339,7 +339,7 @@ class RemoteTextEncoder:
             result, ok = assembler.result(), True
         finally:
             if arena is not None:  # kept for the next call only after a clean end: a server may still be writing
-                self._arenas.give(arena, assembler.payload_bytes, num_prompts, ok)
+                self._arenas.give(arena, assembler.largest_prompt, ok)
         return result, assembler.headers, received + assembler.shared_bytes
 
     def _call(self, fn):

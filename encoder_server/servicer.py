@@ -74,11 +74,12 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
             for index, (e, prompt) in enumerate(zip(embeddings, packed)):
                 done = await prompt
                 offset = arena.reserve(done.nbytes) if arena is not None else None
-                if offset is not None and not await loop.run_in_executor(self.packers, arena.write, offset,
-                                                                         map(decode_response, done.chunks)):
+                if offset is not None and await loop.run_in_executor(self.packers, arena.write, offset,
+                                                                     map(decode_response, done.chunks)):
+                    if self.service.metrics is not None:
+                        self.service.metrics.observe_shared_memory(done.nbytes)
+                else:
                     offset = None
-                elif offset is not None and self.service.metrics is not None:
-                    self.service.metrics.observe_shared_memory(done.nbytes)
                 header = embedding_header(index, e.key, CACHE_STATUS[e.cache_status], done, e.seconds, variable,
                                           offset)
                 for message in (header,) if offset is not None else (header, *done.chunks):  # the bytes: there or here

@@ -131,11 +131,11 @@ class ArenaPool:
             request.shared_memory.CopyFrom(arena.target())
         return arena
 
-    def give(self, arena: Arena, needed: int, prompts: int, ok: bool) -> None:
-        """Back after a call of `prompts` whose whole answer took `needed` bytes: kept if the call ended well (else
-        a server may still be writing into it), the smallest idle arena closed past `keep`."""
+    def give(self, arena: Arena, largest_prompt: int, ok: bool) -> None:
+        """Back after a call whose largest prompt took `largest_prompt` bytes: kept if the call ended well (else a
+        server may still be writing into it), the smallest idle arena closed past `keep`."""
         with self.lock:
-            self.per_prompt = max(self.per_prompt, aligned(-(-needed // max(prompts, 1))))
+            self.per_prompt = max(self.per_prompt, aligned(largest_prompt))
             if ok:
                 self.free.append(arena)
                 if len(self.free) <= self.keep:

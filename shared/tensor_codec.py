@@ -218,7 +218,7 @@ class EmbeddingAssembler:
         self.max_bytes = max_bytes
         self.shared = shared  # the call's `shared.shared_memory.Arena`, if it offered one
         self.shared_bytes = 0  # bytes read from it
-        self.payload_bytes = 0  # every prompt's bytes, each from a 64-byte boundary: what an arena needs for them
+        self.largest_prompt = 0  # the most bytes one prompt's tensors took: what the next call's arena is sized by
         self.tensors: dict[str, torch.Tensor | list[torch.Tensor | None]] = {}
         self.headers: list[pb.EmbeddingHeader | None] = [None] * num_prompts
         self._first: dict[str, tuple[str, tuple[int, ...], bool]] = {}  # name -> the first prompt's dtype, shape, flag
@@ -267,7 +267,7 @@ class EmbeddingAssembler:
         self._target, self._offset, self._crc = 0, 0, 0
         self._skip_empty_targets()
         total = sum(spec.byte_length for spec in header.tensors)
-        self.payload_bytes += -(-total // 64) * 64
+        self.largest_prompt = max(self.largest_prompt, total)
         if header.HasField("in_shared_memory"):
             self._read_shared(header.in_shared_memory.offset, total)
 
