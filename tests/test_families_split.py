@@ -11,7 +11,7 @@ import diffusers
 import pytest
 import torch
 
-from conftest import copy_model, run_cli
+from conftest import assert_same, copy_model, run_cli
 from denoiser_client import RemoteTextEncoder, errors
 from denoiser_client.pipeline import handshake, load_denoiser, negative_prompt_for
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
@@ -81,23 +81,13 @@ def _pad():
     return Layout(PAD, mask="prompt_embeds_mask")
 
 
-def assert_equal(got: dict, want: dict) -> None:
-    assert set(got) == set(want)
-    for name, value in want.items():
-        if isinstance(value, list):
-            assert isinstance(got[name], list) and len(got[name]) == len(value), name
-            assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got[name], value)), name
-        else:
-            assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
-
-
 @pytest.mark.parametrize("length", [None, 48])
 @pytest.mark.parametrize("family", PIPELINES)
 def test_server_embeddings_equal_encode_prompt(enc, references, family, length):
     info = enc.model_info(NAMES[family])
     length = length or info.default_max_sequence_length
     got = enc.encode(PROMPTS, NAMES[family], max_sequence_length=length)
-    assert_equal(got, diffusers_embeds(references[family], family, PROMPTS, length))
+    assert_same(got, diffusers_embeds(references[family], family, PROMPTS, length))
 
 
 def test_sd3_prompt_2_feeds_clip_g(enc, references):
@@ -107,7 +97,7 @@ def test_sd3_prompt_2_feeds_clip_g(enc, references):
                 for p, p2 in (("a fox", "a watercolor fox"), ("a cat", "an oil cat"))]
     got = enc.encode(["a fox", "a cat"], "tiny-sd3", prompt_2=["a watercolor fox", "an oil cat"],
                      max_sequence_length=32)
-    assert_equal(got, {"prompt_embeds": torch.cat([r[0] for r in rows]),
+    assert_same(got, {"prompt_embeds": torch.cat([r[0] for r in rows]),
                        "pooled_prompt_embeds": torch.cat([r[2] for r in rows])})
     assert got["prompt_embeds"].shape == (2, 77 + 32, 96)
 
@@ -164,7 +154,7 @@ def test_negatives_come_from_the_server_and_equal_the_pipelines(enc, references,
                                                              max_sequence_length=32)[1]}
         else:
             want = diffusers_embeds(reference, family, ["blurry"], 32)
-    assert_equal(enc.encode(["blurry"], NAMES[family], max_sequence_length=32), want)
+    assert_same(enc.encode(["blurry"], NAMES[family], max_sequence_length=32), want)
 
 
 @pytest.mark.parametrize("family", PIPELINES)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import wait_for
+from conftest import assert_same, wait_for
 from denoiser_client import RemoteTextEncoder, errors
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 from promptcast.tiny_models import FAMILIES
@@ -30,15 +30,6 @@ def ours() -> set[str]:
     return {name for name in os.listdir(same_host.SHM_DIR) if name.startswith(same_host.PREFIX)}
 
 
-def same(a: dict, b: dict) -> bool:
-    def equal(x, y):
-        if isinstance(x, list):
-            return len(x) == len(y) and all(equal(p, q) for p, q in zip(x, y))
-        return x.dtype == y.dtype and torch.equal(x, y)
-
-    return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_client_on_the_servers_host_gets_the_streams_bytes_through_shared_memory(tiny_models, family):
     """Misses, then memory hits, three prompts a call (Qwen-Image and Z-Image: each prompt its own length)."""
@@ -52,7 +43,7 @@ def test_a_client_on_the_servers_host_gets_the_streams_bytes_through_shared_memo
             assert info.cache_status == [status] * 3 or status == "miss"
             assert (info.shared_memory, far_info.shared_memory) == (3, 0)
             assert abs(info.bytes_received - far_info.bytes_received) < 100  # the same bytes, less the chunks' framing
-            assert same(got, streamed)
+            assert_same(got, streamed)
         assert len(ours() - before) == 1  # one call at a time: one arena, reused
     assert ours() <= before  # closing the client unlinks it
 
@@ -83,9 +74,11 @@ def test_prompts_that_do_not_fit_the_arena_stream_and_the_next_arena_is_larger(f
             RemoteTextEncoder(flux1_server.address, timeout=60, shared_memory=False) as far:
         near._arenas = same_host.ArenaPool(first_bytes=same_host.DATA_START + 4096)  # under one prompt's bytes
         got, info = near.encode(PROMPTS, max_sequence_length=32, with_info=True)
-        assert info.shared_memory == 0 and same(got, far.encode(PROMPTS, max_sequence_length=32))
+        assert info.shared_memory == 0
+        assert_same(got, far.encode(PROMPTS, max_sequence_length=32))
         got, info = near.encode(PROMPTS, max_sequence_length=32, with_info=True)
-        assert info.shared_memory == 3 and same(got, far.encode(PROMPTS, max_sequence_length=32))
+        assert info.shared_memory == 3
+        assert_same(got, far.encode(PROMPTS, max_sequence_length=32))
 
 
 def test_shared_memory_is_offered_to_loopback_targets_only():
@@ -194,18 +187,18 @@ def test_the_pool_sizes_arenas_for_their_call_and_keeps_a_few():
     try:
         first = pool.take(8)
         assert first.size == 1 << 16  # nothing seen yet
-        pool.give(first, needed=8 * 10_000, prompts=8, ok=True)
+        pool.give(first, largest_prompt=10_000, ok=True)
         assert pool.per_prompt == same_host.aligned(10_000)
         assert pool.take(2) is first  # big enough for two prompts at that size
         larger = pool.take(16)
         assert larger.size == same_host.DATA_START + 16 * same_host.aligned(10_000)
         extra = pool.take(1)
         for arena in (first, larger, extra):
-            pool.give(arena, needed=10_000, prompts=1, ok=True)
+            pool.give(arena, largest_prompt=10_000, ok=True)
         assert sorted(a.size for a in pool.free) == sorted([larger.size, max(first.size, extra.size)])
         assert (first.name in ours()) != (extra.name in ours())  # the smallest idle one past `keep` is closed
         failed = pool.take(1)
-        pool.give(failed, needed=10_000, prompts=1, ok=False)
+        pool.give(failed, largest_prompt=10_000, ok=False)
         assert failed.name not in ours() and failed not in pool.free
     finally:
         pool.close()

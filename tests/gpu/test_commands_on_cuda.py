@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ServerProcess
+from conftest import ServerProcess, assert_same
 from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 from promptcast.cli import main
 from shared.families import FAMILIES
@@ -148,9 +148,7 @@ def test_a_process_worker_on_cuda_sends_the_thread_workers_bytes(tiny_models, fa
                               cache_dir=None, cache_mem=0, worker=worker)
         with BackgroundServer(config) as server, RemoteTextEncoder(server.address, timeout=60) as client:
             got[worker] = client.encode(["a fox on a gpu", "two foxes on a gpu"], max_sequence_length=length(family))
-    for name, value in got["thread"].items():
-        pairs = zip(value, got["process"][name]) if isinstance(value, list) else [(value, got["process"][name])]
-        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs), name
+    assert_same(got["process"], got["thread"])
 
 
 def test_batch_on_cuda_makes_the_same_image_as_generate(served, tmp_path, capsys):
