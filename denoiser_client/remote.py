@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import grpc.experimental
 import torch
 
 from denoiser_client import errors
 from shared import shared_memory as same_host
 from shared.collate import STACK, Layout, batch_of, collate
-from shared.promptcast.v1 import encoder_pb2 as pb
-from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
+from shared.promptcast.v1 import encoder_pb2 as pb, encoder_pb2_grpc as pb_grpc
 from shared.tensor_codec import CACHE_STATUS_NAMES, COLLATE_NAMES, DTYPES, EmbeddingAssembler, decode_response
 from shared.tensor_codec import PayloadError as _WirePayloadError
 
@@ -159,9 +159,11 @@ class RemoteTextEncoder:
         # Keepalive pings find a dead link in ~40s even mid-encode, so a call on a vanished replica fails over.
         # Subchannels of its own (gRPC shares them process-wide by default): a new client for a server that was
         # down dials it at once, instead of inheriting a shared connection's reconnect backoff (up to two minutes).
+        # Each `Encode` stream is read on the calling thread, not handed over from a thread of its own (gRPC's default).
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
                    ("grpc.http2.max_pings_without_data", 0), ("grpc.use_local_subchannel_pool", 1),
-                   ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+                   ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1),
+                   (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
         self._channels = [grpc.secure_channel(t, credentials, options) if credentials
                           else grpc.insecure_channel(t, options) for t in self.targets]
         self._stubs = [_stub(c) for c in self._channels]

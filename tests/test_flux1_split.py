@@ -83,3 +83,16 @@ def test_cache_status_and_keys(client):
     _, longer = client.encode(["a fresh prompt for the cache test"], max_sequence_length=32, with_info=True)
     assert first.cache_status == ["miss"] and again.cache_status == ["memory"]
     assert first.cache_keys == again.cache_keys and longer.cache_keys != first.cache_keys
+
+
+def test_a_call_starts_no_thread_to_read_its_stream(client, monkeypatch):
+    """The client reads each `Encode` stream on the calling thread: gRPC's default for a sync server-streaming call
+    is a thread per call that drives it and hands every message over, two wake-ups a message."""
+    import threading
+
+    client.encode("warm the channel", max_sequence_length=16)
+    started, start = [], threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name) or start(self))
+    for i in range(3):
+        client.encode(f"a fox number {i}", max_sequence_length=16)
+    assert started == []
