@@ -232,3 +232,37 @@ def test_a_kept_mapping_holds_one_descriptor_until_its_arena_is_gone():
     assert not any(arena.name in same_host.MAPPINGS.entries for arena in arenas)
     del opened, server_side
     assert not any(held(arena) for arena in arenas)
+
+
+def test_a_lone_call_copies_into_shared_memory_on_the_loop_and_a_busy_server_on_a_packing_thread(monkeypatch):
+    """The copy of a lone call spares it two thread hops; with other calls in flight the loop must stay free."""
+    import asyncio
+    import threading
+
+    from encoder_server.servicer import TextEncoderServicer
+
+    writers, write = [], same_host.ServerArena.write
+    monkeypatch.setattr(same_host.ServerArena, "write",
+                        lambda self, *args: writers.append(threading.current_thread()) or write(self, *args))
+    servicer = TextEncoderServicer(service=None)
+    tensors = {"prompt_embeds": torch.randn(4, 8)}
+    packed = pack_tensors(tensors)
+    arena = same_host.Arena(1 << 16)
+
+    async def copy(in_flight: int) -> bool:
+        servicer.encoding = in_flight
+        server_side = same_host.ServerArena.open(arena.target())
+        try:
+            return await servicer._write_shared(server_side, same_host.DATA_START, packed)
+        finally:
+            server_side.close()
+
+    try:
+        assert asyncio.run(copy(1)) and writers[-1] is threading.current_thread()
+        assert asyncio.run(copy(3)) and writers[-1].name.startswith("pack")
+        view = arena.view(same_host.DATA_START, packed.nbytes)
+        assert bytes(view) == tensors["prompt_embeds"].numpy().tobytes()
+        view.release()
+    finally:
+        servicer.packers.shutdown()
+        arena.close()
