@@ -38,7 +38,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from soak import import_path  # noqa: E402
 
 LENGTH = 512
-SIZES = {"flux1_4mib": {"prompt_embeds": (LENGTH, 4096), "pooled_prompt_embeds": (768,)},
+# A 4 KiB entry measures what a hit costs apart from its bytes: the call itself (the time a bare health check takes,
+# measured beside it) plus the server's lookup and the client's assembly.
+SIZES = {"tiny_4kib": {"prompt_embeds": (1, 2048)},
+         "flux1_4mib": {"prompt_embeds": (LENGTH, 4096), "pooled_prompt_embeds": (768,)},
          "flux2_15mib": {"prompt_embeds": (LENGTH, 15360)}}
 RAW_SERVER = r"""
 import socket, sys
@@ -139,9 +142,21 @@ TRANSPORTS = {"stream": False, "shared_memory": True}  # RemoteTextEncoder(share
 def sequential(address: str, raw_port: int, sizes: dict[str, int], per_size: int, iters: int) -> dict:
     """Memory hits through each transport (the bytes streamed over gRPC; written into the client's shared memory),
     in rounds alternating with raw-socket transfers of the same size."""
+    import grpc
+
     from denoiser_client import RemoteTextEncoder
+    from encoder_server.server import health_status
 
     results = {}
+    with grpc.insecure_channel(address) as channel:  # a bare unary call's round trip on this machine
+        health_status(channel)
+        rtts = []
+        for _ in range(iters):
+            started = time.perf_counter()
+            health_status(channel)
+            rtts.append(time.perf_counter() - started)
+    results["health_check"] = summary(rtts)
+    print(f"health check: p50 {results['health_check']['p50_ms']:.3f} ms", flush=True)
     clients = {name: RemoteTextEncoder(address, timeout=60, shared_memory=on) for name, on in TRANSPORTS.items()}
     with socket.create_connection(("127.0.0.1", raw_port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
