@@ -216,10 +216,10 @@ class ServerArena:
 
 
 class _Mappings:
-    """Mappings of the arenas written into lately, by name: at most `keep` of them and `max_bytes` in all. A mapping
-    holds no file open (the server's open files do not grow with its clients' arenas); one whose name no longer is
-    the same file (a closed client, a dropped arena) leaves with the next call a second or more later, or with the
-    next new mapping."""
+    """Mappings of the arenas written into lately, by name: at most `keep` of them and `max_bytes` in all. Each holds
+    one descriptor (Python's mmap keeps its file's), as does, until its call ends, the mapping of a call in flight that
+    has just been let go of. One whose name no longer is the same file (a closed client, a dropped arena) leaves with
+    the next call a second or more later, or with the next new mapping."""
 
     def __init__(self, keep: int = 64, max_bytes: int = 2 << 30):
         self.keep, self.max_bytes = keep, max_bytes

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = 2  # client processes
 
 
 @pytest.mark.slow
@@ -21,8 +22,8 @@ def test_short_soak_loses_nothing(tmp_path):
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     out = tmp_path / "soak.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench/soak.py"), "--clients", "2", "--duration", "12",
-                             "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    result = subprocess.run([sys.executable, str(ROOT / "bench/soak.py"), "--clients", str(CLIENTS), "--duration",
+                             "12", "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert out.exists(), result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     totals = report["totals"]
@@ -45,7 +46,9 @@ def test_short_soak_loses_nothing(tmp_path):
         fds = life["resources"].get("fds")
         if fds:  # a life long enough to sample: open files stay within a few of where warm-up left them
             assert fds["max"] <= fds["first"] + 8, life
-            assert life["resources"]["arena_fds"]["max"] <= 64, life  # the server's mapping cache at most
+            # the server's mapping cache at most, and those it has just let go of while their calls still run: per
+            # client its call, and a call it cancelled that the server is still unwinding
+            assert life["resources"]["arena_fds"]["max"] <= 64 + 2 * CLIENTS, life
     assert lives[2]["encode_lines"] > 0  # the restarted replica took traffic again
     assert report["exit_codes_on_sigterm"] == {"a": 0, "b": 0}
     assert report["verdict"]["passed"], report["verdict"]
