@@ -64,10 +64,10 @@ def serve(
         "--cuda-graphs/--no-cuda-graphs", help="Replay the encoders as CUDA graphs, captured at start-up per batch "
         "size (combines with --compile). Default: on with a CUDA device, for every family whose pipeline pads "
         "prompts to a fixed length (all but qwen-image); --no-cuda-graphs runs them eagerly.")] = None,
-    worker: Annotated[str, typer.Option(help="Where each model runs: thread (a worker thread of the server's "
-                                        "process) or process (a child process of its own, with its own interpreter "
-                                        "lock; outputs handed over in shared memory; restarted if it dies).")
-                      ] = "thread",
+    worker: Annotated[Optional[str], typer.Option(
+        help="Where each model runs: thread (a worker thread of the server's process) or process (a child process "
+        "of its own, with its own interpreter lock; outputs handed over in shared memory; restarted if it dies). "
+        "Default: process with a CUDA device, thread on the CPU.")] = None,
 ):
     """Run the encoder server: text encoders only, embeddings streamed over gRPC."""
     from encoder_server.cache import default_memory_bytes
@@ -102,7 +102,7 @@ def serve(
                 parse_bytes(value)
             except ValueError as e:
                 raise ValueError(f"{flag} {e}") from None
-    if worker not in ("thread", "process"):
+    if worker not in (None, "thread", "process"):
         raise ValueError(f"--worker {worker!r}: use thread or process")
     names = [ModelSpec.parse(m, family) for m in model]
     for spec in names:

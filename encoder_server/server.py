@@ -20,6 +20,7 @@ from encoder_server.families import get_encoder
 from encoder_server.interceptors import CallCounter, ClientGoneFilter, ErrorMappingInterceptor
 from encoder_server.metrics import MetricsInterceptor, ServerMetrics
 from encoder_server.service import EmbeddingService, Limits
+from encoder_server.worker_process import default_worker
 from encoder_server.servicer import SERVICE_NAME, TextEncoderServicer, add_to_server
 from shared.config import check_port, parse_dtype
 from shared.disk_cache import default_cache_dir
@@ -89,7 +90,7 @@ class ServerConfig:
     # Replay the encoders' forwards as CUDA graphs, captured at start-up per batch bucket. None: on CUDA, for every
     # family whose pipeline pads its prompts to a fixed length.
     cuda_graphs: bool | None = None
-    worker: str = "thread"  # "process": each model in a child process of its own (encoder_server/worker_process.py)
+    worker: str | None = None  # "thread" or "process" (a child process per model); None: `default_worker(device)`
 
 
 class EncoderServer:
@@ -193,7 +194,7 @@ class EncoderServer:
         options = {k: v for k, v in (("compile", self.config.compile), ("quantize", self.config.quantize)) if v}
         options["cuda_graphs"] = self.config.cuda_graphs
         load = get_encoder
-        if self.config.worker == "process":
+        if (self.config.worker or default_worker(self.config.device)) == "process":
             from encoder_server.worker_process import ProcessEncoder as load
         for spec in self.config.models:
             logger.info("loading the text encoders of %s", spec.source)

@@ -39,6 +39,14 @@ RESPAWN_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 WARM_PROMPT = "a photograph of an astronaut riding a horse"
 
 
+def default_worker(device: str | torch.device) -> str:
+    """Where a model runs without `--worker`: its own process on CUDA, where a forward is a few launches and the
+    server's own Python (streaming, packing, gRPC) would otherwise take the interpreter lock from them; a thread on
+    the CPU, where the model's compute already fills the cores and a child would be one more copy of the weights'
+    loading cost."""
+    return "process" if torch.device(device).type == "cuda" else "thread"
+
+
 class WorkerFailed(ModelNotReady):
     """The model worker process failed this request, or died holding it."""
 

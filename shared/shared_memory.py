@@ -27,8 +27,7 @@ import uuid
 from collections import OrderedDict
 from multiprocessing import shared_memory
 
-import numpy as np
-
+from shared.parallel_copy import copy_many
 from shared.promptcast.v1 import encoder_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -201,11 +200,11 @@ class ServerArena:
         with self.lock:
             if self.mapped is None:
                 return False
-            target = np.frombuffer(self.mapped, dtype=np.uint8)
+            target, copies = memoryview(self.mapped), []
             for piece in pieces:
-                source = np.frombuffer(piece, dtype=np.uint8)
-                target[offset:offset + source.size] = source  # numpy copies without the GIL
-                offset += source.size
+                copies.append((target[offset:offset + piece.nbytes], piece))
+                offset += piece.nbytes
+            copy_many(copies)
             return True
 
     def close(self) -> None:

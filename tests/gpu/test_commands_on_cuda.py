@@ -81,20 +81,22 @@ def test_models_lists_the_family(served, capsys):
     assert code == 0 and out.startswith(f"tiny\t{family}\t"), err
 
 
-def test_the_default_server_on_cuda_replays_cuda_graphs_where_shapes_are_fixed(served):
-    """No flag: graphs captured at warm-up for every family that pads to a fixed length, eager for Qwen-Image. The
-    images below (generate, batch, the console) then come from replayed graphs, and equal the plain pipeline's."""
-    from encoder_server.acceleration import CUDAGraphForward
+def test_the_default_server_on_cuda_runs_each_model_in_its_own_process_replaying_graphs(served, capfd):
+    """No flag: each model in a worker process, graphs captured at warm-up for every family that pads to a fixed
+    length, eager for Qwen-Image. The images below (generate, batch, the console) then come from that set-up, and
+    equal the plain pipeline's."""
+    from encoder_server.worker_process import ProcessEncoder
 
-    family, _, server = served
+    family, model, server = served
     encoder = server.server.service.encoders["tiny"]
-    assert encoder.cuda_graphs is FAMILIES[family].fixed_text_shapes
-    holders = [encoder, getattr(encoder, "pipe", None)]
-    forwards = [vars(module)["forward"] for holder in holders if holder is not None
-                for module in vars(holder).values()
-                if isinstance(module, torch.nn.Module) and isinstance(vars(module).get("forward"), CUDAGraphForward)]
-    assert bool(forwards) is encoder.cuda_graphs
-    assert all(any(graph is not None for graph in forward.graphs.values()) for forward in forwards)
+    assert isinstance(encoder, ProcessEncoder)
+    assert encoder.cuda_graphs is FAMILIES[family].fixed_text_shapes  # as the child resolved it
+    child = ProcessEncoder(str(model), name="tiny", device="cuda", dtype=torch.bfloat16, cuda_graphs=None)
+    try:
+        child.encode(["a fox on a gpu"], None, length(family))
+    finally:
+        child.close()
+    assert ("captured a CUDA graph" in capfd.readouterr().err) is FAMILIES[family].fixed_text_shapes
 
 
 def test_generate_on_cuda_equals_the_plain_pipeline(served, tmp_path, capsys):
