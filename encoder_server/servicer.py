@@ -52,7 +52,7 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
     def __init__(self, service: EmbeddingService):
         self.service = service
         self.packers = ThreadPoolExecutor(PACKING_THREADS, thread_name_prefix="pack")
-        self.encoding = 0  # `Encode` calls in flight
+        self.sending = 0  # `Encode` calls sending their answers (a call waiting for the model does not use the loop)
 
     async def close(self) -> None:
         """Stop the packing threads, waiting for the one running (call once no `Encode` is left)."""
@@ -63,13 +63,6 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         return pb.ListModelsResponse(models=[model_info(e, limit) for e in self.service.encoders.values()])
 
     async def Encode(self, request, context):
-        self.encoding += 1
-        try:
-            await self._encode(request, context)
-        finally:
-            self.encoding -= 1
-
-    async def _encode(self, request, context):
         embeddings = await self.service.encode(
             request.model, list(request.prompts), list(request.prompts_2) or None, request.max_sequence_length,
             deadline=deadline_from(context.time_remaining()))
@@ -78,6 +71,7 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         packed = [_ready(e.tensors) if isinstance(e.tensors, PackedEmbedding) else  # packed already: no thread hop
                   loop.run_in_executor(self.packers, pack_tensors, e.tensors, CHUNK_BYTES) for e in embeddings]
         arena = ServerArena.open(request.shared_memory) if request.HasField("shared_memory") else None
+        self.sending += 1
         try:
             for index, (e, prompt) in enumerate(zip(embeddings, packed)):
                 done = await prompt
@@ -92,6 +86,7 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
                 for message in (header,) if offset is not None else (header, *done.chunks):  # the bytes: there or here
                     await write(context, message)
         finally:
+            self.sending -= 1
             for prompt in packed:
                 prompt.cancel()
             if arena is not None:
@@ -100,9 +95,9 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
     async def _write_shared(self, arena: ServerArena, offset: int, packed: PackedEmbedding) -> bool:
         """Copy one prompt's bytes into the call's arena: on the event loop for a lone call, sparing it the hop to a
         thread and back (two wake-ups: on an H200 host a 4 KiB hit took 0.2 ms longer through shared memory than
-        streamed); on a packing thread while other calls are in flight, so that the loop keeps serving them."""
+        streamed); on a packing thread while other calls are sending, so that the loop keeps serving them."""
         pieces = map(decode_response, packed.chunks)
-        if self.encoding == 1:
+        if self.sending == 1:
             return arena.write(offset, pieces)
         return await asyncio.get_running_loop().run_in_executor(self.packers, arena.write, offset, pieces)
 

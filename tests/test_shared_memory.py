@@ -235,7 +235,7 @@ def test_a_kept_mapping_holds_one_descriptor_until_its_arena_is_gone():
 
 
 def test_a_lone_call_copies_into_shared_memory_on_the_loop_and_a_busy_server_on_a_packing_thread(monkeypatch):
-    """The copy of a lone call spares it two thread hops; with other calls in flight the loop must stay free."""
+    """The copy of a lone call spares it two thread hops; with other calls sending the loop must stay free."""
     import asyncio
     import threading
 
@@ -249,8 +249,8 @@ def test_a_lone_call_copies_into_shared_memory_on_the_loop_and_a_busy_server_on_
     packed = pack_tensors(tensors)
     arena = same_host.Arena(1 << 16)
 
-    async def copy(in_flight: int) -> bool:
-        servicer.encoding = in_flight
+    async def copy(sending: int) -> bool:
+        servicer.sending = sending
         server_side = same_host.ServerArena.open(arena.target())
         try:
             return await servicer._write_shared(server_side, same_host.DATA_START, packed)
