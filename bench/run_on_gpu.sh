@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the GPU suite and benchmarks on the GPU machine:
-#   bash bench/run_on_gpu.sh --tests [PYTEST ARGS...]   the GPU suite (tests/gpu + the README's example on CUDA),
-#                                                      log in bench/results/gpu_suite.log
+#   bash bench/run_on_gpu.sh --tests [PYTEST ARGS...]   the GPU suite (tests/gpu + the README's example on CUDA) in
+#                                                      GPU_SUITE_SHARDS (3) pytest processes at once, log in
+#                                                      bench/results/gpu_suite.log
 #   bash bench/run_on_gpu.sh NAME [NAME...]             bench/NAME.py each, writing bench/results/NAME.json
 # Installs the carried wheels (.whl/: diffusers, transformers, grpcio, protobuf... that the machine lacks or has
 # too old; build/quant_whl/: bitsandbytes and torchao, where carried) into /tmp/site first.
@@ -26,11 +27,27 @@ if [ "${1:-}" = "--tests" ]; then
   log=bench/results/gpu_suite.log
   { date -u; git log -1 --format='commit %H %s' 2>/dev/null || true; } > "$log"
   [ -n "${OUT:-}" ] && cp "$log" "$OUT/gpu_suite.log"  # the log comes back even if the run is cut short
-  # A test still running after 200 s gets every thread's stack in the log (pytest's faulthandler), so a hang says where.
-  python3 -m pytest -p no:cacheprovider -q -rA -o faulthandler_timeout=200 \
-    tests/test_node.py::test_the_readme_python_example_runs_as_written tests/gpu \
-    "$@" 2>&1 | tee -a "$log" ${OUT:+"$OUT/gpu_suite.log"}
-  exit "${PIPESTATUS[0]}"
+  # GPU_SUITE_SHARDS pytest processes side by side (each in-process server of the suite starts a model worker
+  # process, which imports torch and diffusers: alone, the suite would outlast a 10-minute device call). A test still
+  # running after 200 s gets every thread's stack in the log (pytest's faulthandler), so a hang says where.
+  shards=${GPU_SUITE_SHARDS:-3}
+  pids=()
+  part=${OUT:-/tmp}  # under $OUT each shard's log comes back even if the call is cut short
+  for i in $(seq 1 "$shards"); do
+    OMP_NUM_THREADS=$(( $(nproc) / shards > 0 ? $(nproc) / shards : 1 )) python3 -m pytest -p no:cacheprovider -q -rA \
+      -o faulthandler_timeout=200 --basetemp "/tmp/gpu-suite-$i" --shard "$i/$shards" \
+      tests/test_node.py::test_the_readme_python_example_runs_as_written tests/gpu "$@" \
+      > "$part/gpu_suite_shard_$i.log" 2>&1 &
+    pids+=($!)
+  done
+  status=0
+  for i in $(seq 1 "$shards"); do
+    wait "${pids[$((i - 1))]}" || status=1
+    { echo "=== shard $i/$shards"; cat "$part/gpu_suite_shard_$i.log"; } >> "$log"
+  done
+  [ -n "${OUT:-}" ] && cp "$log" "$OUT/gpu_suite.log"
+  tail -n 3 "$part"/gpu_suite_shard_*.log
+  exit "$status"
 fi
 status=0
 for name in "$@"; do

@@ -31,6 +31,8 @@ from multiprocessing.connection import Connection
 import torch
 
 from encoder_server.errors import ModelNotReady, SourceError
+from shared.parallel_copy import copy_many
+from shared.tensor_codec import tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -316,10 +318,8 @@ class _Ready:
 
 def _read(segment, offset: int, shape: tuple, dtype: str) -> torch.Tensor:
     """One tensor copied out of shared memory (the segment goes back to the child right after)."""
-    dtype = getattr(torch, dtype)
-    count = 1
-    for size in shape:
-        count *= size
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(segment.buf, dtype=dtype, count=count, offset=offset).reshape(shape).clone()
+    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    nbytes = out.numel() * out.element_size()
+    if nbytes:  # plain threads, not torch's: OpenMP's would spin on the cores gRPC and the event loop need
+        copy_many([(tensor_bytes(out), segment.buf[offset:offset + nbytes])])
+    return out

@@ -47,7 +47,9 @@ def run_demo(out: str | None = None, prompt: str = "a red fox sitting in a snowy
     started = time.perf_counter()
     model_dir = make_tiny_model(cache_home() / f"tiny-{family}", family)
     echo(f"tiny {family} model: {model_dir}")
-    config = ServerConfig([ModelSpec(str(model_dir), name=f"tiny-{family}")], port=0, device=device)
+    # A worker thread even on CUDA: a process of its own pays for another interpreter and CUDA context at start-up,
+    # and buys throughput under load, which one image never puts on it.
+    config = ServerConfig([ModelSpec(str(model_dir), name=f"tiny-{family}")], port=0, device=device, worker="thread")
     with BackgroundServer(config) as server:
         echo(f"encoder server: {server.address} (text encoders only)")
         with RemoteTextEncoder(server.address, timeout=120) as encoder:

@@ -190,6 +190,12 @@ def cache_tier(background, name: str):
     return next(t for t in background.server.service.cache.tiers if t.name == name)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run the I-th of N shards (1-based), for N pytest processes side by side: tests that share a "
+                     "module-scoped fixture (a server) stay in one shard")
+
+
 def pytest_collection_modifyitems(config, items):
     """tests/gpu is the GPU suite: real commands on CUDA (`bench/run_on_gpu.sh --tests`); skipped without CUDA."""
     skip = pytest.mark.skip(reason="needs a CUDA device (the GPU suite runs on the GPU machine)")
@@ -198,3 +204,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
             if not torch.cuda.is_available():
                 item.add_marker(skip)
+    if config.getoption("--shard"):
+        index, count = map(int, config.getoption("--shard").split("/"))
+        if not 1 <= index <= count:
+            raise pytest.UsageError(f"--shard {index}/{count}: I must be 1 to N")
+        keep = set(shard_of(items, count)[index - 1])
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = [item for item in items if item in keep]
+
+
+def shard_of(items, count: int) -> list[list]:
+    """Split `items` into `count` shards of about as many tests each. Tests that use the same instance of a
+    module-scoped fixture (a parametrized server, say) form one group, which no shard splits: each shard starts only
+    the servers its own tests use."""
+    groups: dict = {}
+    for item in items:
+        infos = getattr(item, "_fixtureinfo", None)
+        defs = infos.name2fixturedefs if infos is not None else {}
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        shared = tuple((item.module.__name__, name, repr(params.get(name))) for name in item.fixturenames
+                       if name in defs and defs[name][-1].scope == "module")
+        groups.setdefault(shared or item.nodeid, []).append(item)
+    shards: list[list] = [[] for _ in range(count)]
+    for group in sorted(groups.values(), key=len, reverse=True):  # largest first, each to the emptiest shard
+        min(shards, key=len).extend(group)
+    return shards

@@ -81,22 +81,16 @@ def test_models_lists_the_family(served, capsys):
     assert code == 0 and out.startswith(f"tiny\t{family}\t"), err
 
 
-def test_the_default_server_on_cuda_runs_each_model_in_its_own_process_replaying_graphs(served, capfd):
-    """No flag: each model in a worker process, graphs captured at warm-up for every family that pads to a fixed
-    length, eager for Qwen-Image. The images below (generate, batch, the console) then come from that set-up, and
-    equal the plain pipeline's."""
+def test_the_default_server_on_cuda_runs_each_model_in_its_own_process_replaying_graphs(served):
+    """No flag: each model in a worker process, graphs on for every family that pads to a fixed length, eager for
+    Qwen-Image (that the child captures them is checked below). The images below (generate, batch, the console) then
+    come from that set-up, and equal the plain pipeline's."""
     from encoder_server.worker_process import ProcessEncoder
 
-    family, model, server = served
+    family, _, server = served
     encoder = server.server.service.encoders["tiny"]
     assert isinstance(encoder, ProcessEncoder)
     assert encoder.cuda_graphs is FAMILIES[family].fixed_text_shapes  # as the child resolved it
-    child = ProcessEncoder(str(model), name="tiny", device="cuda", dtype=torch.bfloat16, cuda_graphs=None)
-    try:
-        child.encode(["a fox on a gpu"], None, length(family))
-    finally:
-        child.close()
-    assert ("captured a CUDA graph" in capfd.readouterr().err) is FAMILIES[family].fixed_text_shapes
 
 
 def test_generate_on_cuda_equals_the_plain_pipeline(served, tmp_path, capsys):
@@ -139,17 +133,20 @@ def test_the_web_console_on_cuda_saves_what_generate_saves(served, tmp_path, cap
         assert np.array_equal(np.asarray(Image.open(rendered.path)), np.asarray(Image.open(out)))
 
 
-@pytest.mark.parametrize("family", ["flux1", "z-image"])
-def test_a_process_worker_on_cuda_sends_the_thread_workers_bytes(tiny_models, family):
-    """`serve --worker process` on CUDA: pinned shared memory, copies queued on the child's stream, the same bytes."""
+@pytest.mark.parametrize("family", ["flux1", "z-image", "qwen-image"])
+def test_a_process_worker_on_cuda_sends_the_thread_workers_bytes(tiny_models, family, capfd):
+    """The default worker process on CUDA: pinned shared memory, copies queued on the child's stream, graphs
+    captured in the child where the family's shapes are fixed (its log says so), the thread worker's bytes."""
     from denoiser_client import RemoteTextEncoder
 
     got = {}
     for worker in ("thread", "process"):
         config = ServerConfig([ModelSpec(str(tiny_models[family]), name="tiny")], port=0, device="cuda",
                               cache_dir=None, cache_mem=0, worker=worker)
+        capfd.readouterr()
         with BackgroundServer(config) as server, RemoteTextEncoder(server.address, timeout=60) as client:
             got[worker] = client.encode(["a fox on a gpu", "two foxes on a gpu"], max_sequence_length=length(family))
+    assert ("captured a CUDA graph" in capfd.readouterr().err) is FAMILIES[family].fixed_text_shapes  # the child's
     assert_same(got["process"], got["thread"])
 
 
