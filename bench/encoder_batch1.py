@@ -16,6 +16,12 @@ synchronizing CUDA calls one encode makes (`torch.cuda.set_sync_debug_mode`).
 | `finite` | plus the NaN/Inf flags computed on the device and copied with them: the server worker's exact path |
 | `thread` | that path on a worker thread, the main thread idle (as in the server) |
 | `thread_gil` | that, while another thread does what the event loop does under load: 4 MiB of framing and copies |
+| `graphs` | `finite` with both encoders' forwards replayed as CUDA graphs (the server's default on CUDA) |
+| `graphs_thread` | that on a worker thread (the default server's worker, without its event loop) |
+
+`--timeline` then cuts 20 calls of the `graphs` path into host phases (each tokenizer call, each forward's launch, the
+rest of diffusers' glue, the wait for the host copy) beside each graph replay's device time (CUDA events), and times
+packing a prompt for the wire straight after its copy to the host against packing the same bytes again (in cache).
 
     python bench/encoder_batch1.py --out bench/results/encoder_batch1.json     # CUDA, about 3 minutes
     python bench/encoder_batch1.py --tiny --rounds 2 --out /tmp/encoder_batch1.json   # CPU smoke test
@@ -45,7 +51,8 @@ from encoder_throughput import flux1_encoder, prompt, sync  # noqa: E402
 LENGTH = 512
 
 
-def variants(encoder, batcher, worker: ThreadPoolExecutor) -> dict:
+def variants(encoder, batcher, worker: ThreadPoolExecutor) -> tuple[dict, dict]:
+    from encoder_server.acceleration import CUDAGraphForward
     from encoder_server.host_copy import to_cpu as _to_cpu
 
     pipe, device = encoder.pipe, encoder.device
@@ -72,6 +79,21 @@ def variants(encoder, batcher, worker: ThreadPoolExecutor) -> dict:
     def finite(text):
         batcher._launch_rows([], [text], None, LENGTH).wait()
 
+    cuda = device.type == "cuda"  # on the CPU (smoke test) the timeline times the eager forwards
+    graphed = {module: CUDAGraphForward(module.forward) if cuda else module.forward
+               for module in (pipe.text_encoder, pipe.text_encoder_2)}
+
+    def with_graphs(fn):
+        def run(text):
+            for module, forward in graphed.items():
+                module.forward = forward
+            try:
+                return fn(text)
+            finally:
+                for module in graphed:
+                    del module.forward
+        return run
+
     return {
         "diffusers": diffusers,
         "inference_mode": lambda text: diffusers(text, torch.inference_mode),
@@ -82,7 +104,10 @@ def variants(encoder, batcher, worker: ThreadPoolExecutor) -> dict:
         "finite": finite,
         "thread": lambda text: worker.submit(finite, text).result(),
         "thread_gil": lambda text: worker.submit(finite, text).result(),  # with `LoopLoad` running
-    }
+        **({"graphs": with_graphs(finite),
+            "graphs_thread": lambda text: worker.submit(with_graphs(finite), text).result()}
+           if cuda else {}),
+    }, graphed
 
 
 class LoopLoad:
@@ -108,6 +133,74 @@ class LoopLoad:
         self.thread.join()
 
 
+def timeline(encoder, batcher, graphed: dict, calls: int = 20) -> dict:
+    """Median host milliseconds of each phase of a graphs-path encode (`finite` with graphs), each replay's device
+    milliseconds, and packing for the wire straight after the copy to the host against the same bytes in cache."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    from shared.tensor_codec import pack_tensors
+
+    pipe, cuda = encoder.pipe, encoder.device.type == "cuda"
+    names = {id(pipe.tokenizer): "tokenize_clip", id(pipe.tokenizer_2): "tokenize_t5",
+             id(pipe.text_encoder): "clip", id(pipe.text_encoder_2): "t5"}
+    marks: list = []
+    tokenize = PreTrainedTokenizerBase.__call__
+
+    def timed_tokenize(self, *a, **k):
+        started = time.perf_counter()
+        try:
+            return tokenize(self, *a, **k)
+        finally:
+            marks.append((names.get(id(self), "tokenize_other"), started, time.perf_counter(), None))
+
+    def timed_forward(module, forward):
+        def run(*a, **k):
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+            started = time.perf_counter()
+            _ = events and events[0].record()
+            out = forward(*a, **k)
+            _ = events and events[1].record()
+            marks.append((names[id(module)], started, time.perf_counter(), events))
+            return out
+        return run
+
+    phases: dict[str, list] = {}
+    PreTrainedTokenizerBase.__call__ = timed_tokenize
+    try:
+        for i in range(calls):
+            marks.clear()
+            for module, forward in graphed.items():
+                module.forward = timed_forward(module, forward)
+            started = time.perf_counter()
+            try:
+                on_device = batcher._launch_rows([], [prompt(i, "timeline")], None, LENGTH)
+                launched = time.perf_counter()
+                on_device.wait()
+            finally:
+                for module in graphed:
+                    del module.forward
+            ended = time.perf_counter()
+            row = {name: t[0] for name, t in on_device.host.items()}
+            fresh = time.perf_counter()
+            pack_tensors(row)
+            packed = time.perf_counter()
+            pack_tensors(row)
+            again = time.perf_counter()
+            sums: dict[str, float] = {}
+            for name, begin, end, events in marks:
+                sums[f"host_{name}"] = sums.get(f"host_{name}", 0.0) + end - begin
+                if events is not None:
+                    sums[f"device_{name}"] = events[0].elapsed_time(events[1]) / 1000
+            sums["host_glue"] = launched - started - sum(v for k, v in sums.items() if k.startswith("host_"))
+            sums.update(launch=launched - started, wait_for_host_copy=ended - launched, total=ended - started,
+                        pack_after_copy=packed - fresh, pack_in_cache=again - packed)
+            for name, seconds in sums.items():
+                phases.setdefault(name, []).append(seconds)
+    finally:
+        PreTrainedTokenizerBase.__call__ = tokenize
+    return {name: round(1000 * statistics.median(v), 3) for name, v in phases.items()}
+
+
 def syncs_per_call(fn, text: str, device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
@@ -128,6 +221,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=20, help="timed calls per variant and round")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    parser.add_argument("--timeline", action="store_true", help="phases of the graphs path (eager on the CPU)")
     args = parser.parse_args()
     from encoder_server.batcher import DynamicBatcher
     from promptcast.tiny_models import make_tiny_model
@@ -138,7 +232,7 @@ def main() -> None:
         encoder = flux1_encoder(device, dtype, args.tiny, make_tiny_model(pathlib.Path(tmp) / "flux1", "flux1"))
     batcher = DynamicBatcher(encoder)
     worker = ThreadPoolExecutor(1, thread_name_prefix="encode")
-    table = variants(encoder, batcher, worker)
+    table, graphed = variants(encoder, batcher, worker)
     names = [n for n in table if not args.only or n in args.only]
     for name in names:  # warm every path (cuBLAS handles, pinned blocks, the worker thread)
         for i in range(3):
@@ -171,6 +265,9 @@ def main() -> None:
                                     f"p50_over_{names[0]}": round(p50 / base, 3),
                                     "syncs_per_call": syncs_per_call(table[name], prompt(0, "syncs"), device)}
         print(f"{name:16} {report['variants'][name]}", flush=True)
+    if args.timeline:
+        report["timeline_ms"] = timeline(encoder, batcher, graphed)
+        print("timeline (graphs, ms, median of 20 calls):", report["timeline_ms"], flush=True)
     worker.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
