@@ -222,6 +222,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20, help="timed calls per variant and round")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
     parser.add_argument("--timeline", action="store_true", help="phases of the graphs path (eager on the CPU)")
+    parser.add_argument("--trace", type=pathlib.Path, help="also write a torch.profiler trace (Chrome JSON) of 3 "
+                        "calls of the first variant named by --only")
     args = parser.parse_args()
     from encoder_server.batcher import DynamicBatcher
     from promptcast.tiny_models import make_tiny_model
@@ -265,6 +267,14 @@ def main() -> None:
                                     f"p50_over_{names[0]}": round(p50 / base, 3),
                                     "syncs_per_call": syncs_per_call(table[name], prompt(0, "syncs"), device)}
         print(f"{name:16} {report['variants'][name]}", flush=True)
+    if args.trace:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                    + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []),
+                                    with_stack=True) as profile:
+            for i in range(3):
+                table[names[0]](prompt(i, "trace"))
+        profile.export_chrome_trace(str(args.trace))
+        print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     if args.timeline:
         report["timeline_ms"] = timeline(encoder, batcher, graphed)
         print("timeline (graphs, ms, median of 20 calls):", report["timeline_ms"], flush=True)
