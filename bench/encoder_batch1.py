@@ -11,7 +11,7 @@ synchronizing CUDA calls one encode makes (`torch.cuda.set_sync_debug_mode`).
 | `inference_mode` | `inference_mode` instead of `no_grad` (what `Flux1Encoder.encode` uses) |
 | `both_outputs` | the pooled CLIP output copied too (pageable) |
 | `t5_first` | T5 before CLIP (diffusers runs CLIP first; each blocking input copy waits for the other model's work) |
-| `encoder` | `Flux1Encoder.encode` (the family's code), both outputs, pageable copies |
+| `encoder` | `Flux1Encoder.encode` (the family's code: the encoders' execution device registered, no walk), both outputs, pageable copies |
 | `pinned` | both outputs into pinned memory with `non_blocking`, one event wait (`_to_cpu`) |
 | `finite` | plus the NaN/Inf flags computed on the device and copied with them: the server worker's exact path |
 | `thread` | that path on a worker thread, the main thread idle (as in the server) |
@@ -46,7 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from encoder_throughput import flux1_encoder, prompt, sync  # noqa: E402
+from encoder_throughput import flux1_encoder, plain_diffusers, prompt, sync  # noqa: E402
 
 LENGTH = 512
 
@@ -58,7 +58,7 @@ def variants(encoder, batcher, worker: ThreadPoolExecutor) -> tuple[dict, dict]:
     pipe, device = encoder.pipe, encoder.device
 
     def diffusers(text, mode=torch.no_grad, both=False):
-        with mode():
+        with mode(), plain_diffusers():
             embeds, pooled, _ = pipe.encode_prompt(prompt=[text], prompt_2=None, device=device,
                                                    max_sequence_length=LENGTH)
             embeds.cpu()
@@ -66,7 +66,7 @@ def variants(encoder, batcher, worker: ThreadPoolExecutor) -> tuple[dict, dict]:
                 pooled.cpu()
 
     def t5_first(text):
-        with torch.inference_mode():
+        with torch.inference_mode(), plain_diffusers():
             embeds = pipe._get_t5_prompt_embeds(prompt=[text], max_sequence_length=LENGTH, device=device)
             pooled = pipe._get_clip_prompt_embeds(prompt=[text], device=device)
             embeds.cpu()

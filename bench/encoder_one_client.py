@@ -260,6 +260,8 @@ def main() -> None:
                         default=["stream", "shared_memory"], help="how the answer reaches the client (the client "
                         "on loopback uses shared memory by default; stream: shared_memory=False)")
     parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--modes", nargs="+", choices=["eager", "graphs"], default=["eager", "graphs"],
+                        help="server set-ups: --no-cuda-graphs and the default graphs (CUDA only)")
     args = parser.parse_args()
     seconds = args.seconds or (2.0 if args.tiny else 8.0)
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -269,7 +271,7 @@ def main() -> None:
     from encoder_server.acceleration import enable_cuda_graphs
     from promptcast.tiny_models import make_tiny_model
 
-    graph_modes = [False, True] if device.type == "cuda" else [False]
+    graph_modes = [mode == "graphs" for mode in args.modes if device.type == "cuda" or mode == "eager"]
     report = {"benchmark": "encoder_one_client", "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
               "seconds_per_measurement": seconds, "phases": list(PHASES), "servers": {}}

@@ -21,6 +21,7 @@ Mistral3ForConditionalGeneration, the server runs the same weights cut after lay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -57,7 +58,7 @@ def flux1_encoder(device, dtype, tiny: bool, tokenizer_dir: pathlib.Path):
     from diffusers import FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-    from encoder_server.families.base import Encoder
+    from encoder_server.families.base import Encoder, register_execution_device
     from encoder_server.families.flux1 import Flux1Encoder
     from shared.sources import resolve_source
 
@@ -84,7 +85,23 @@ def flux1_encoder(device, dtype, tiny: bool, tokenizer_dir: pathlib.Path):
                                 text_encoder_2=text_encoder_2,
                                 tokenizer_2=T5TokenizerFast.from_pretrained(tokenizer_dir, subfolder="tokenizer_2"))
     encoder.default_max_sequence_length = 512
+    for module in (text_encoder, text_encoder_2):  # as `Encoder.prepare_module` registers a served model's
+        register_execution_device(module, device)
     return encoder
+
+
+@contextlib.contextmanager
+def plain_diffusers():
+    """diffusers' own lookups, for the baseline: its execution-device walk over every submodule on each call,
+    which the server answers from what it registered (`register_execution_device`)."""
+    from encoder_server.families.base import EXECUTION_DEVICES
+
+    registered = dict(EXECUTION_DEVICES.items())
+    EXECUTION_DEVICES.clear()
+    try:
+        yield
+    finally:
+        EXECUTION_DEVICES.update(registered)
 
 
 def flux1_flops_per_prompt(encoder, length: int = 512) -> float:
@@ -170,7 +187,7 @@ def diffusers_loop(encoder, seconds: float, tag: str) -> dict:
     pipe, device = encoder.pipe if hasattr(encoder, "pipe") else None, encoder.device
 
     def once(text):
-        with torch.no_grad():
+        with torch.no_grad(), plain_diffusers():
             if pipe is not None:
                 out = pipe.encode_prompt(prompt=[text], prompt_2=None, device=device, max_sequence_length=512)[0]
             else:

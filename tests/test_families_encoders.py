@@ -116,3 +116,28 @@ def test_sd3_refuses_a_clip_tokenizer_of_another_length(tiny_models, tmp_path):
     config.write_text(json.dumps(document))
     with pytest.raises(SourceError, match="model_max_length 64; SD3 transformers take 77"):
         get_encoder(str(folder))
+
+
+@pytest.mark.parametrize("family", ["flux1", "wan"])
+def test_the_server_answers_diffusers_execution_device_lookup_without_walking_its_encoders(tiny_models, family,
+                                                                                           monkeypatch):
+    """FLUX.1's and Wan's `encode_prompt` look up each text encoder's execution device on every call, walking all its
+    submodules twice for offloading hooks; a server's encoders never have any. Same bytes, no walk."""
+    import importlib
+    from types import SimpleNamespace
+
+    module = importlib.import_module({"flux1": "diffusers.pipelines.flux.pipeline_flux",
+                                      "wan": "diffusers.pipelines.wan.pipeline_wan"}[family])
+    encoder = get_encoder(str(tiny_models[family]))
+    expected = encoder.encode(["a walked fox"], None, 32)
+    node_side = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    node_side[0]._hf_hook = SimpleNamespace(execution_device="meta")  # a node's offloaded module: hooks decide
+
+    def no_walk(self):
+        raise AssertionError(f"walked {type(self).__name__}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.nn.Module, "modules", no_walk)
+        got = encoder.encode(["a walked fox"], None, 32)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+    assert module.get_module_execution_device(node_side) == torch.device("meta")
