@@ -114,6 +114,9 @@ def test_encoder_deployment_gpu_probes_and_secrets():
     assert found[("Service", "promptcast-redis")]["spec"]["ports"][0]["port"] == 6379
     claim = volumes["models"]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in found
+    # The model worker process hands batches over in /dev/shm: memory-backed, past the container default of 64 MiB.
+    dshm = next(name for name, path in mounts.items() if path == "/dev/shm")
+    assert volumes[dshm]["emptyDir"]["medium"] == "Memory" and volumes[dshm]["emptyDir"]["sizeLimit"] == "2Gi"
 
 
 def test_headless_service_selects_the_encoder_pods():
@@ -154,6 +157,7 @@ def test_compose_file_services_and_flags():
     assert set(flags(encoder_args)) <= options("serve")
     assert flag_value(encoder_args, "--cache-redis").startswith("redis://redis:")
     assert services["encoder"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["encoder"]["shm_size"] == "2gb"  # the model worker process's batches, past Docker's 64 MiB
     denoiser_args = services["denoiser"]["command"]
     assert denoiser_args[0] == "batch" and set(flags(denoiser_args)) <= options("batch")
     assert flag_value(denoiser_args, "--encoder") == f"encoder:{flag_value(encoder_args, '--port')}"
