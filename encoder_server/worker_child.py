@@ -5,6 +5,7 @@ and replies from a finishing thread once each batch is on the host."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import sys
@@ -97,6 +98,9 @@ class _Worker:
                 batch = self.queue_copy(self.encoder.encode(prompts, prompts_2, max_sequence_length))
             except torch.OutOfMemoryError as e:
                 batch, error = None, ("oom", request, f"out of device memory: {e}")
+            except SharedMemoryFull as e:  # the host's set-up, not a bug: said once, without a traceback
+                logger.error("%s", e)
+                batch, error = None, ("error", request, str(e))
             except Exception as e:  # noqa: BLE001 - the parent fails the batch's requests with it
                 logger.exception("encode failed")
                 batch, error = None, ("error", request, f"{type(e).__name__}: {e}")
@@ -152,7 +156,7 @@ class _Worker:
             pool = self.free.setdefault(size_class, [])
             segment = pool.pop() if pool else None
         if segment is None:
-            segment = shared_memory.SharedMemory(create=True, size=size_class)
+            segment = _allocated_segment(size_class)
             if self.cuda:
                 pointer = torch.frombuffer(segment.buf, dtype=torch.uint8).data_ptr()
                 torch.cuda.cudart().cudaHostRegister(pointer, size_class, 0)
@@ -166,6 +170,30 @@ class _Worker:
             segment = self.used.pop(name, None)
             if segment is not None:
                 self.free.setdefault(segment.size, []).append(segment)
+
+
+class SharedMemoryFull(OSError):
+    """/dev/shm cannot hold a batch's outputs."""
+
+
+def _allocated_segment(size: int) -> shared_memory.SharedMemory:
+    """A new segment with every page allocated now: a /dev/shm too small for it is this error, not a SIGBUS when the
+    batch's outputs reach a page that tmpfs cannot give."""
+    segment = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        fd = os.open(f"/dev/shm/{segment.name.lstrip('/')}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        segment.close()
+        segment.unlink()
+        raise SharedMemoryFull(e.errno, f"/dev/shm has no room for a {size / 2**20:g} MiB batch of outputs "
+                               f"({e.strerror}): give the server more shared memory (docker run --shm-size 2g; on "
+                               "Kubernetes a memory-backed emptyDir at /dev/shm) or run it with --worker thread"
+                               ) from None
+    return segment
 
 
 if __name__ == "__main__":

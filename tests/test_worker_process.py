@@ -127,3 +127,29 @@ def test_closing_a_worker_unmaps_each_segment_once(tiny_flux1, monkeypatch):
         reader.join(30)
         assert not reader.is_alive() and not encoder._segments
     assert errors == [] and len(closes) == len(set(closes)) == 2
+
+
+def test_a_dev_shm_too_small_for_a_batch_is_an_error_that_says_what_to_do(monkeypatch):
+    """Docker gives a container 64 MiB of /dev/shm: a batch's segment past it would SIGBUS the child as its outputs
+    reach an unbacked page. Allocating every page first makes it an error, and leaves nothing behind."""
+    import errno
+
+    from encoder_server import worker_child
+
+    made = []
+    create = worker_child.shared_memory.SharedMemory
+
+    def recorded(*args, **kwargs):
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(worker_child.shared_memory, "SharedMemory", recorded)
+    monkeypatch.setattr(worker_child.os, "posix_fallocate", full)
+    with pytest.raises(worker_child.SharedMemoryFull, match=r"no room for a 128 MiB batch .*--shm-size 2g.*"
+                                                            r"--worker thread") as raised:
+        worker_child._allocated_segment(128 << 20)
+    assert raised.value.errno == errno.ENOSPC
+    assert not os.path.exists(f"/dev/shm/{made[0].name.lstrip('/')}")
