@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU suite and benchmarks on the GPU machine:
 #   bash bench/run_on_gpu.sh --tests [PYTEST ARGS...]   the GPU suite (tests/gpu + the README's example on CUDA) in
-#                                                      GPU_SUITE_SHARDS (3) pytest processes at once, log in
+#                                                      GPU_SUITE_SHARDS (4) pytest processes at once, log in
 #                                                      bench/results/gpu_suite.log
 #   bash bench/run_on_gpu.sh NAME [NAME...]             bench/NAME.py each, writing bench/results/NAME.json
 # Installs the carried wheels (.whl/: diffusers, transformers, grpcio, protobuf... that the machine lacks or has
@@ -30,7 +30,7 @@ if [ "${1:-}" = "--tests" ]; then
   # GPU_SUITE_SHARDS pytest processes side by side (each in-process server of the suite starts a model worker
   # process, which imports torch and diffusers: alone, the suite would outlast a 10-minute device call). A test still
   # running after 200 s gets every thread's stack in the log (pytest's faulthandler), so a hang says where.
-  shards=${GPU_SUITE_SHARDS:-3}
+  shards=${GPU_SUITE_SHARDS:-4}
   pids=()
   part=${OUT:-/tmp}  # under $OUT each shard's log comes back even if the call is cut short
   for i in $(seq 1 "$shards"); do
