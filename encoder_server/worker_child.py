@@ -5,7 +5,6 @@ and replies from a finishing thread once each batch is on the host."""
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import sys
@@ -16,6 +15,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from encoder_server import host_copy
+from shared import shared_memory as same_host
 
 logger = logging.getLogger(__name__)
 
@@ -179,21 +179,13 @@ class SharedMemoryFull(OSError):
 def _allocated_segment(size: int) -> shared_memory.SharedMemory:
     """A new segment with every page allocated now: a /dev/shm too small for it is this error, not a SIGBUS when the
     batch's outputs reach a page that tmpfs cannot give."""
-    segment = shared_memory.SharedMemory(create=True, size=size)
     try:
-        fd = os.open(f"/dev/shm/{segment.name.lstrip('/')}", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        finally:
-            os.close(fd)
+        return same_host.allocated(size)
     except OSError as e:
-        segment.close()
-        segment.unlink()
         raise SharedMemoryFull(e.errno, f"/dev/shm has no room for a {size / 2**20:g} MiB batch of outputs "
                                f"({e.strerror}): give the server more shared memory (docker run --shm-size 2g; on "
                                "Kubernetes a memory-backed emptyDir at /dev/shm) or run it with --worker thread"
                                ) from None
-    return segment
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 One core copies 4 MiB at 5-6 GB/s on a typical GPU server's host (about 0.8 ms), while the memory system moves many
 times that for several cores at once. An embedding's bytes are copied on the critical path of a call (into a
 same-host client's shared memory by the server, out of it by the client), so those copies are split in slices of at
-least `MIN_SLICE` bytes and copied by the calling thread and up to `helpers()` others at once. numpy copies without
+least `MIN_SLICE` bytes and copied by the calling thread and up to `threads() - 1` others at once. numpy copies without
 the interpreter lock, and an idle helper sleeps on its queue: nothing spins between calls, unlike OpenMP's threads.
 
 A host with few cores gets no helpers (the copy is the caller's alone); `PROMPTCAST_COPY_THREADS` sets the number of
@@ -12,6 +12,7 @@ threads that copy, the caller included (1: no helpers).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,11 @@ _pool: ThreadPoolExecutor | None = None
 
 def threads() -> int:
     """How many threads copy a large buffer, the caller included: one per 4 usable cores, 1 to `MAX_THREADS`."""
-    configured = os.environ.get("PROMPTCAST_COPY_THREADS")
+    return _threads(os.environ.get("PROMPTCAST_COPY_THREADS"))
+
+
+@functools.lru_cache(maxsize=None)
+def _threads(configured: str | None) -> int:  # once per setting, not a system call per copy
     if configured:
         return max(1, int(configured))
     return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0)) // 4 if hasattr(os, "sched_getaffinity")
@@ -60,7 +65,10 @@ def copy_many(pairs) -> None:
         target, source = np.frombuffer(target, dtype=np.uint8), np.frombuffer(source, dtype=np.uint8)
         if target.size != source.size:
             raise ValueError(f"copy of {source.size} bytes into {target.size}")
-        parts = max(1, min(count, source.size // MIN_SLICE))
+        parts = min(count, source.size // MIN_SLICE)
+        if parts <= 1:
+            slices.append((target, source))
+            continue
         bounds = [source.size * i // parts for i in range(parts + 1)]
         slices.extend((target[a:b], source[a:b]) for a, b in zip(bounds, bounds[1:]))
     if count == 1 or sum(source.size for _, source in slices) < 2 * MIN_SLICE:

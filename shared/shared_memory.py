@@ -54,22 +54,31 @@ def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def allocated(size: int, name: str | None = None) -> shared_memory.SharedMemory:
+    """A new POSIX shared-memory object with every page allocated: a /dev/shm without room for it is an `OSError`
+    here (nothing left behind), not a SIGBUS when a write reaches a page tmpfs cannot give. Registered with the
+    resource tracker, so it is unlinked even if this process is killed."""
+    memory = shared_memory.SharedMemory(name=name, create=True, size=size)
+    try:
+        fd = os.open(os.path.join(SHM_DIR, memory.name.lstrip("/")), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError:
+        memory.close()
+        memory.unlink()
+        raise
+    return memory
+
+
 class Arena:
     """One call's shared memory on the client side: created and tokened here, read after the server wrote."""
 
     def __init__(self, size: int):
         self.size = max(size, DATA_START + ALIGN)
-        # Registered with the resource tracker: unlinked even if this process is killed.
-        self.memory = shared_memory.SharedMemory(name=PREFIX + uuid.uuid4().hex, create=True, size=self.size)
-        try:  # every page now: a full /dev/shm fails here, never as SIGBUS in a server writing a page later
-            fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR | os.O_CLOEXEC)
-            try:
-                os.posix_fallocate(fd, 0, self.size)
-            finally:
-                os.close(fd)
-        except OSError:
-            self.close()
-            raise
+        # Every page now: a full /dev/shm fails here, never as SIGBUS in a server writing a page later.
+        self.memory = allocated(self.size, PREFIX + uuid.uuid4().hex)
         self.token = os.urandom(TOKEN_BYTES)
         self.memory.buf[:TOKEN_BYTES] = self.token
 

@@ -304,7 +304,7 @@ class EmbeddingAssembler:
         if end > view.nbytes:
             raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: chunk overruns "
                                f"its {view.nbytes} bytes")
-        copy_many([(view[self._offset:end], chunk)])  # a shared-memory prompt's bytes: on several threads
+        copy_many([(view[self._offset:end], chunk)])  # a shared-memory prompt's bytes in one piece: several threads
         self._crc = crc32(chunk, self._crc)
         self._offset = end
         self._skip_empty_targets()

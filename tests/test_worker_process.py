@@ -147,7 +147,7 @@ def test_a_dev_shm_too_small_for_a_batch_is_an_error_that_says_what_to_do(monkey
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(worker_child.shared_memory, "SharedMemory", recorded)
-    monkeypatch.setattr(worker_child.os, "posix_fallocate", full)
+    monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(worker_child.SharedMemoryFull, match=r"no room for a 128 MiB batch .*--shm-size 2g.*"
                                                             r"--worker thread") as raised:
         worker_child._allocated_segment(128 << 20)
