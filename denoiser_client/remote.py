@@ -129,7 +129,7 @@ class RemoteTextEncoder:
         shared_memory (`bool`, *optional*):
             Offer the server shared memory (`/dev/shm`) to write embeddings into instead of streaming them: a
             server on this host does, any other streams. Defaults to on for loopback targets (`localhost`,
-            127.x, ::1, unix sockets) on Linux.
+            127.x, ::1, unix sockets) on Linux. A one-prompt call's tensors are then that memory itself, no copy.
 
     Example:
     ```py
@@ -331,7 +331,7 @@ class RemoteTextEncoder:
     def _stream(self, stub, request, num_prompts, request_id: str = ""):
         # A fresh assembler (and arena) per attempt: a stream cut mid-way is re-requested whole, never stitched.
         arena = self._arenas.offer(request) if self._arenas is not None else None
-        assembler = EmbeddingAssembler(num_prompts, shared=arena)
+        assembler = EmbeddingAssembler(num_prompts, shared=arena, lend=arena is not None and self._arenas.may_lend())
         received, ok = 0, False
         metadata = (*self._metadata, ("x-request-id", request_id)) if request_id else self._metadata
         try:

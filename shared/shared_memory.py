@@ -11,10 +11,16 @@ different user (no permission), a prompt that does not fit.
 The client checks those bytes as it checks chunks: sizes against the header, CRC-32 against its checksum. A
 call that fails drops its arena (a server may still be writing into it), and an arena of a process that dies is
 unlinked by `multiprocessing`'s resource tracker.
+
+A call of one prompt is answered with tensors over the arena's own bytes, with no copy (`Arena.lend`): the arena is
+lent to them, and goes back to the pool only once the caller has let go of every one. At most `keep` arenas are out
+at once; a caller that holds on to more answers gets copies. A fork while arenas are lent makes those arenas
+single-use (a child may still read the pages), and the child starts with none of its parent's arenas.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -24,8 +30,11 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from multiprocessing import shared_memory
+
+import numpy as np
 
 from shared.parallel_copy import copy_many
 from shared.promptcast.v1 import encoder_pb2 as pb
@@ -81,6 +90,12 @@ class Arena:
         self.memory = allocated(self.size, PREFIX + uuid.uuid4().hex)
         self.token = os.urandom(TOKEN_BYTES)
         self.memory.buf[:TOKEN_BYTES] = self.token
+        self.owner = os.getpid()  # only the process that made it unlinks it (not a forked child)
+        self.leases = 0  # arrays over its bytes (`lend`) still alive
+        self.reusable = True  # False once another call must not be written into it (a fork shares its pages)
+        self._returned = None  # called with the arena when the last lent array dies
+        self._address: int | None = None  # where the mapping starts, once something is lent
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -91,30 +106,73 @@ class Arena:
 
     def view(self, offset: int, length: int) -> memoryview:
         """The bytes a header says are at `offset`; a range outside the arena is the server's error."""
+        self._check(offset, length)
+        return self.memory.buf[offset:offset + length]
+
+    def lend(self, offset: int, length: int) -> np.ndarray:
+        """The bytes at `offset` as a uint8 array over the arena itself (no copy). While it, or a tensor made from it,
+        is alive, the arena is not closed, and `when_returned` waits for it.
+
+        The array is made from the mapping's address, not from a buffer export of it: an export would still be held
+        while the array's finalizer runs, and the mapping could not be closed there."""
+        self._check(offset, length)
+        if self._address is None:
+            anchor = ctypes.c_char.from_buffer(self.memory.buf)
+            self._address = ctypes.addressof(anchor)
+            del anchor  # its export with it
+        array = np.frombuffer((ctypes.c_uint8 * length).from_address(self._address + offset), np.uint8)
+        with self._lock:
+            self.leases += 1
+        weakref.finalize(array, self._release).atexit = False  # at exit nothing is returned, nothing reads it
+        return array
+
+    def when_returned(self, callback) -> bool:
+        """Call `callback(self)` once no lent array is left; False, and no call, if none is out now."""
+        with self._lock:
+            if self.leases == 0:
+                return False
+            self._returned = callback
+            return True
+
+    def _release(self) -> None:
+        with self._lock:
+            self.leases -= 1
+            callback = None
+            if self.leases == 0:
+                callback, self._returned = self._returned, None
+        if callback is not None:
+            callback(self)
+
+    def _check(self, offset: int, length: int) -> None:
         if offset < DATA_START or offset + length > self.size:
             raise ValueError(f"shared-memory slice [{offset}, {offset + length}) is outside the call's "
                              f"{self.size}-byte arena")
-        return self.memory.buf[offset:offset + length]
 
     def close(self) -> None:
-        self.memory.close()
-        try:
-            self.memory.unlink()
-        except FileNotFoundError:
-            pass
+        """Unlink it now (in the process that made it); unmap it now, or, if arrays are lent, once they are gone."""
+        if os.getpid() == self.owner:
+            try:
+                self.memory.unlink()
+            except FileNotFoundError:
+                pass
+        if not self.when_returned(lambda arena: arena.memory.close()):
+            self.memory.close()
 
 
 class ArenaPool:
     """The client's arenas: one per call in flight, kept for the next calls (at most `keep` idle). A call's arena is
     sized for its prompts at the most bytes a prompt has taken so far (at least `first_bytes`, at most `max_bytes`):
     the pages are allocated up front, so a client does not hold more memory than its answers need. A prompt that
-    does not fit streams, and the next arena is larger."""
+    does not fit streams, and the next arena is larger. An arena lent to a call's tensors comes back when they die."""
 
     def __init__(self, first_bytes: int = 1 << 20, max_bytes: int = 1 << 30, keep: int = 4):
         self.first_bytes, self.max_bytes, self.keep = first_bytes, max_bytes, keep
         self.per_prompt = 0  # the most bytes one prompt's answer has taken, aligned
         self.free: list[Arena] = []
-        self.lock = threading.Lock()
+        self.lent: set[Arena] = set()  # arenas under tensors the caller still holds
+        self.closed = False
+        self.lock = threading.RLock()  # a lent array may die, and come back, while this thread holds it
+        _POOLS.add(self)
 
     def take(self, prompts: int = 1) -> Arena | None:
         """An arena for a call of `prompts`; None if /dev/shm has no room for one (the call streams)."""
@@ -139,12 +197,26 @@ class ArenaPool:
             request.shared_memory.CopyFrom(arena.target())
         return arena
 
+    def may_lend(self) -> bool:
+        """Whether a call may answer with tensors over its arena: while fewer than `keep` arenas are out."""
+        return len(self.lent) < self.keep
+
     def give(self, arena: Arena, largest_prompt: int, ok: bool) -> None:
         """Back after a call whose largest prompt took `largest_prompt` bytes: kept if the call ended well (else a
-        server may still be writing into it), the smallest idle arena closed past `keep`."""
+        server may still be writing into it), the smallest idle arena closed past `keep`; an arena lent to the call's
+        tensors, once they are gone."""
         with self.lock:
             self.per_prompt = max(self.per_prompt, aligned(largest_prompt))
-            if ok:
+            arena.reusable = arena.reusable and ok
+            if arena.when_returned(self._returned):
+                self.lent.add(arena)
+                return
+        self._returned(arena)
+
+    def _returned(self, arena: Arena) -> None:
+        with self.lock:
+            self.lent.discard(arena)
+            if arena.reusable and not self.closed:
                 self.free.append(arena)
                 if len(self.free) <= self.keep:
                     return
@@ -153,10 +225,35 @@ class ArenaPool:
         arena.close()
 
     def close(self) -> None:
+        """Close every arena: the lent ones are unlinked now and unmapped when their tensors are gone."""
         with self.lock:
-            free, self.free = self.free, []
-        for arena in free:
+            self.closed = True
+            arenas, self.free, self.lent = [*self.free, *self.lent], [], set()
+        for arena in arenas:
             arena.close()
+
+
+_POOLS: "weakref.WeakSet[ArenaPool]" = weakref.WeakSet()
+
+
+def _fork_shares_lent_arenas() -> None:
+    """In the parent: a child may go on reading the tensors it inherited, so their arenas are never written again."""
+    for pool in list(_POOLS):
+        for arena in list(pool.lent):
+            arena.reusable = False
+
+
+def _child_starts_with_no_arenas() -> None:
+    """In the child: its parent's arenas are the parent's to offer (and to unlink); those under inherited tensors are
+    unmapped here when the tensors die."""
+    for pool in list(_POOLS):
+        for arena in pool.lent:
+            arena._lock, arena.reusable = threading.Lock(), False
+        pool.free, pool.lent, pool.lock = [], set(), threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_parent=_fork_shares_lent_arenas, after_in_child=_child_starts_with_no_arenas)
 
 
 class ServerArena:

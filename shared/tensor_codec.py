@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 import sys
+from itertools import accumulate
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from shared import parallel_copy
 from shared.parallel_copy import copy_many
 from shared.promptcast.v1 import encoder_pb2 as pb
 
@@ -212,12 +214,16 @@ class EmbeddingAssembler:
     message straight into their final place, and checksummed as they arrive (while the bytes are still in the CPU's
     cache, and while the next ones are on their way); a tensor's CRC is compared with its header's when its last byte
     is in.
+
+    With `lend`, a call of one prompt whose bytes the server wrote into the call's arena gets tensors over the arena
+    itself (`Arena.lend`), checked the same way, with no copy at all.
     """
 
-    def __init__(self, num_prompts: int, max_bytes: int = MAX_TENSOR_BYTES, shared=None):
+    def __init__(self, num_prompts: int, max_bytes: int = MAX_TENSOR_BYTES, shared=None, lend: bool = False):
         self.num_prompts = num_prompts
         self.max_bytes = max_bytes
         self.shared = shared  # the call's `shared.shared_memory.Arena`, if it offered one
+        self.lend = lend and shared is not None and num_prompts == 1
         self.shared_bytes = 0  # bytes read from it
         self.largest_prompt = 0  # the most bytes one prompt's tensors took: what the next call's arena is sized by
         self.tensors: dict[str, torch.Tensor | list[torch.Tensor | None]] = {}
@@ -247,6 +253,8 @@ class EmbeddingAssembler:
         if header.index >= self.num_prompts or self.headers[header.index] is not None:
             raise PayloadError(f"unexpected header for prompt index {header.index}")
         dtypes = {spec.name: validate_spec(spec, self.max_bytes) for spec in header.tensors}
+        if self.lend and header.HasField("in_shared_memory") and self._lent(header, dtypes):
+            return
         if not self._first:
             self._first = {s.name: (s.dtype, tuple(s.shape), s.variable_length) for s in header.tensors}
             for spec in header.tensors:
@@ -272,6 +280,28 @@ class EmbeddingAssembler:
         if header.HasField("in_shared_memory"):
             self._read_shared(header.in_shared_memory.offset, total)
 
+    def _lent(self, header: pb.EmbeddingHeader, dtypes: dict[str, torch.dtype]) -> bool:
+        """The one prompt's tensors over its bytes in the arena; False (copy them instead) if one would start off its
+        dtype's alignment."""
+        offset, total = header.in_shared_memory.offset, sum(spec.byte_length for spec in header.tensors)
+        starts = list(accumulate((spec.byte_length for spec in header.tensors[:-1]), initial=offset))
+        if any(start % dtypes[spec.name].itemsize for spec, start in zip(header.tensors, starts)):
+            return False
+        for spec, start in zip(header.tensors, starts):
+            try:
+                data = self.shared.lend(start, spec.byte_length)
+            except ValueError as e:
+                raise PayloadError(f"prompt {header.index}: {e}") from None
+            self._verify(spec, parallel_copy.crc32(data), header.index)
+            tensor = torch.from_numpy(data).view(dtypes[spec.name])
+            self.tensors[spec.name] = ([tensor.reshape(tuple(spec.shape))] if spec.variable_length else
+                                       tensor.reshape((1, *spec.shape)))
+        self._first = {s.name: (s.dtype, tuple(s.shape), s.variable_length) for s in header.tensors}
+        self.headers[header.index] = header
+        self.largest_prompt = max(self.largest_prompt, total)
+        self.shared_bytes += total
+        return True
+
     def _read_shared(self, offset: int, total: int) -> None:
         """The prompt's bytes from the call's shared memory, checked as chunks are."""
         if self.shared is None:
@@ -293,7 +323,7 @@ class EmbeddingAssembler:
 
     def _skip_empty_targets(self) -> None:
         while self._target < len(self._targets) and self._offset == self._targets[self._target][1].nbytes:
-            self._verify(self._targets[self._target][0])
+            self._verify(self._targets[self._target][0], self._crc, self._current.index)
             self._target, self._offset, self._crc = self._target + 1, 0, 0
 
     def _write(self, chunk: bytes | memoryview) -> None:
@@ -305,14 +335,15 @@ class EmbeddingAssembler:
             raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: chunk overruns "
                                f"its {view.nbytes} bytes")
         copy_many([(view[self._offset:end], chunk)])  # a shared-memory prompt's bytes in one piece: several threads
-        self._crc = crc32(chunk, self._crc)
+        self._crc = parallel_copy.crc32(chunk, self._crc)
         self._offset = end
         self._skip_empty_targets()
 
-    def _verify(self, spec: pb.TensorSpec) -> None:
-        got = f"crc32:{self._crc & 0xFFFFFFFF:08x}"
+    @staticmethod
+    def _verify(spec: pb.TensorSpec, crc: int, index: int) -> None:
+        got = f"crc32:{crc & 0xFFFFFFFF:08x}"
         if got != spec.checksum:
-            raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: checksum mismatch "
+            raise PayloadError(f"tensor {spec.name!r} of prompt {index}: checksum mismatch "
                                f"(got {got}, header says {spec.checksum})")
 
     def _finish_current(self) -> None:

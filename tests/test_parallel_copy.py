@@ -42,6 +42,24 @@ def test_every_byte_lands_in_its_place(copy_threads, sizes):
     assert any(name.startswith("copy") for name in copy_threads) is large  # small copies stay on the caller
 
 
+@pytest.mark.parametrize("size", [0, 5, MIN_SLICE, 3 * MIN_SLICE + 7])
+def test_a_crc_in_slices_is_zlibs_crc(monkeypatch, size):
+    import zlib
+
+    monkeypatch.setenv("PROMPTCAST_COPY_THREADS", "3")
+    seen, crc = set(), parallel_copy._crc32
+
+    def spy(*args):
+        seen.add(threading.current_thread().name)
+        return crc(*args)
+
+    monkeypatch.setattr(parallel_copy, "_crc32", spy)
+    data = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
+    for start in (0, 0x1234ABCD):
+        assert parallel_copy.crc32(data, start) == zlib.crc32(data.tobytes(), start)
+    assert any(name.startswith("copy") for name in seen) is (size >= 2 * MIN_SLICE)
+
+
 def test_a_mismatched_pair_is_an_error_before_anything_is_copied():
     target = bytearray(8)
     with pytest.raises(ValueError, match="copy of 9 bytes into 8"):

@@ -4,12 +4,14 @@ family; a stream whenever the server cannot or must not write; nothing left in /
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import textwrap
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ from promptcast.tiny_models import FAMILIES
 from shared import shared_memory as same_host
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
-from shared.tensor_codec import EmbeddingAssembler, PayloadError, pack_embedding, pack_tensors
+from shared.tensor_codec import EmbeddingAssembler, PayloadError, pack_embedding, pack_tensors, tensor_bytes
 
 pytestmark = pytest.mark.skipif(not same_host.supported(), reason="POSIX shared memory in /dev/shm (Linux)")
 PROMPTS = ["a fox in the snow", "a lighthouse at dusk, oil on canvas, wide shot", "x"]
@@ -90,7 +92,8 @@ def test_shared_memory_is_offered_to_loopback_targets_only():
         assert remote._arenas is None and local._arenas is not None and asked._arenas is not None
 
 
-def test_a_header_pointing_outside_the_arena_or_into_none_is_a_payload_error():
+@pytest.mark.parametrize("lend", [False, True])
+def test_a_header_pointing_outside_the_arena_or_into_none_is_a_payload_error(lend):
     tensors = {"prompt_embeds": torch.arange(64, dtype=torch.float32).reshape(4, 16)}
     packed = pack_tensors(tensors)
     arena = same_host.Arena(1 << 16)
@@ -99,11 +102,18 @@ def test_a_header_pointing_outside_the_arena_or_into_none_is_a_payload_error():
             header = pb.EncodeResponse.FromString(pack_embedding(0, "k" * 64, pb.CACHE_STATUS_MEMORY, packed)[0])
             header.header.in_shared_memory.offset = offset
             with pytest.raises(PayloadError, match="shared memory|outside"):
-                EmbeddingAssembler(1, shared=shared).feed(header)
+                EmbeddingAssembler(1, shared=shared, lend=lend).feed(header)
         # Bytes that are not what the header's checksum says: caught as a flipped chunk would be.
         header.header.in_shared_memory.offset = same_host.DATA_START
         with pytest.raises(PayloadError, match="checksum mismatch"):
-            EmbeddingAssembler(1, shared=arena).feed(header)
+            EmbeddingAssembler(1, shared=arena, lend=lend).feed(header)
+        arena.memory.buf[same_host.DATA_START:same_host.DATA_START + packed.nbytes] = tensor_bytes(
+            tensors["prompt_embeds"])
+        assembler = EmbeddingAssembler(1, shared=arena, lend=lend)
+        assembler.feed(header)
+        assert torch.equal(assembler.result()["prompt_embeds"][0], tensors["prompt_embeds"])
+        assert arena.leases == lend  # the answer is the arena's bytes themselves, or a copy of them
+        del assembler
     finally:
         arena.close()
 
@@ -266,3 +276,90 @@ def test_a_lone_call_copies_into_shared_memory_on_the_loop_and_a_busy_server_on_
     finally:
         servicer.packers.shutdown()
         arena.close()
+
+
+def inside(tensor: torch.Tensor, arenas) -> bool:
+    """Whether the tensor's bytes lie in one of these arenas' mappings."""
+    for arena in arenas:
+        start = np.frombuffer(arena.memory.buf, np.uint8).ctypes.data
+        if start <= tensor.data_ptr() < start + arena.size:
+            return True
+    return False
+
+
+def test_a_one_prompt_call_answers_with_its_arena_lent_until_the_tensors_are_gone(flux1_server):
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as near, \
+            RemoteTextEncoder(flux1_server.address, timeout=60, shared_memory=False) as far:
+        for status in ("miss", "memory"):
+            got, info = near.encode("a lent fox", max_sequence_length=16, with_info=True)
+            assert info.cache_status == [status] and info.shared_memory == 1
+            assert_same(got, far.encode("a lent fox", max_sequence_length=16))
+            arena = next(iter(near._arenas.lent))
+            assert all(inside(t, [arena]) for t in got.values()) and arena not in near._arenas.free
+            moved = near.encode("a lent fox", max_sequence_length=16, dtype=torch.float64)  # a copy: none kept
+            assert not any(inside(t, [*near._arenas.free, *near._arenas.lent]) for t in moved.values())
+            del got
+            assert not near._arenas.lent and arena in near._arenas.free  # back, and the next call reuses it
+        several = near.encode(PROMPTS, max_sequence_length=16)  # a call of several prompts is copied out
+        assert not near._arenas.lent and not any(inside(t, near._arenas.free) for t in several.values())
+
+
+def test_a_caller_holding_many_answers_gets_copies_past_keep_and_no_new_arenas(flux1_server):
+    before = ours()
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as near:
+        kept = [near.encode(f"a kept fox {i}", max_sequence_length=16) for i in range(12)]
+        pool = near._arenas
+        assert len(pool.lent) == pool.keep
+        assert len(ours() - before) == pool.keep + 1  # the lent ones, and one that each later call reuses
+        assert [inside(e["prompt_embeds"], pool.lent) for e in kept] == [True] * pool.keep + [False] * 8
+        again = [near.encode(f"a kept fox {i}", max_sequence_length=16) for i in range(12)]
+        for a, b in zip(kept, again):
+            assert_same(a, b)
+        del kept, again
+        assert not pool.lent and len(pool.free) == pool.keep
+    assert ours() <= before
+
+
+def test_closing_the_client_under_lent_tensors_unlinks_now_and_unmaps_when_they_go(flux1_server):
+    before = ours()
+    near = RemoteTextEncoder(flux1_server.address, timeout=60)
+    got = near.encode("an orphan fox", max_sequence_length=16)
+    copy = {name: t.clone() for name, t in got.items()}
+    arena = next(iter(near._arenas.lent))
+    near.close()
+    assert ours() <= before  # the name is gone at once
+    assert_same(got, copy)  # the tensors are still the answer
+    del got
+    assert arena.leases == 0 and arena.memory.buf is None  # unmapped with the last tensor
+
+
+def test_a_fork_never_lets_a_lent_arena_be_written_again(flux1_server):
+    """A child reading the tensors it inherited sees them unchanged while its parent goes on making calls."""
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as near:
+        got = near.encode("a forked fox", max_sequence_length=16)
+        expected = got["prompt_embeds"].clone()
+        arena = next(iter(near._arenas.lent))
+        read, write = os.pipe()
+        go_read, go_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: wait while the parent drops its tensors and calls again, then compare
+            try:
+                os.close(read)
+                os.read(go_read, 1)
+                same = torch.equal(got["prompt_embeds"], expected) and not near._arenas.free
+                os.write(write, b"1" if same else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.close(go_read)
+        try:
+            del got
+            for i in range(4):
+                near.encode(f"another fox {i}", max_sequence_length=16)
+            os.write(go_write, b"x")
+            assert select.select([read], [], [], 60)[0] and os.read(read, 1) == b"1"  # b"" if the child died
+            assert arena not in near._arenas.free and arena.name not in ours()  # single-use: closed, not pooled
+        finally:
+            os.close(go_write)
+            os.close(read)
+            os.waitpid(pid, 0)
