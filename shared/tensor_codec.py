@@ -32,6 +32,8 @@ CHUNK_BYTES = 1 << 20
 # Hard ceiling for one prompt's tensor, far above FLUX.2-dev's 15 MiB, so a hostile header
 # cannot make a client allocate gigabytes.
 MAX_TENSOR_BYTES = 256 << 20
+# A one-prompt answer is lent its arena (no copy) only if the arena is at most twice its bytes plus this.
+LEND_SLACK = 1 << 20
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -281,11 +283,12 @@ class EmbeddingAssembler:
             self._read_shared(header.in_shared_memory.offset, total)
 
     def _lent(self, header: pb.EmbeddingHeader, dtypes: dict[str, torch.dtype]) -> bool:
-        """The one prompt's tensors over its bytes in the arena; False (copy them instead) if one would start off its
-        dtype's alignment."""
+        """The one prompt's tensors over its bytes in the arena; False (copy them instead) if the arena is much larger
+        than they are (a small answer must not hold a large arena), or one would start off its dtype's alignment."""
         offset, total = header.in_shared_memory.offset, sum(spec.byte_length for spec in header.tensors)
         starts = list(accumulate((spec.byte_length for spec in header.tensors[:-1]), initial=offset))
-        if any(start % dtypes[spec.name].itemsize for spec, start in zip(header.tensors, starts)):
+        if self.shared.size > 2 * total + LEND_SLACK or any(
+                start % dtypes[spec.name].itemsize for spec, start in zip(header.tensors, starts)):
             return False
         for spec, start in zip(header.tensors, starts):
             try:

@@ -304,6 +304,18 @@ def test_a_one_prompt_call_answers_with_its_arena_lent_until_the_tensors_are_gon
         assert not near._arenas.lent and not any(inside(t, near._arenas.free) for t in several.values())
 
 
+def test_a_small_answer_is_copied_out_of_a_much_larger_arena(flux1_server):
+    with RemoteTextEncoder(flux1_server.address, timeout=60) as near:
+        near.encode([f"a wide fox {i}" for i in range(24)], max_sequence_length=512)  # streams: the first arena is small
+        near.encode([f"a wide fox {i}" for i in range(24)], max_sequence_length=512)  # an arena of 24 long prompts
+        small, large = sorted(near._arenas.free, key=lambda arena: arena.size)
+        near._arenas.free.remove(small)  # the next call can only take the large one
+        small.close()
+        got, info = near.encode("a small fox", max_sequence_length=8, with_info=True)
+        assert info.shared_memory == 1 and large.size > (2 << 20)
+        assert not near._arenas.lent and not inside(got["prompt_embeds"], [large])
+
+
 def test_a_caller_holding_many_answers_gets_copies_past_keep_and_no_new_arenas(flux1_server):
     before = ours()
     with RemoteTextEncoder(flux1_server.address, timeout=60) as near:
