@@ -22,7 +22,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared import tensor_codec  # noqa: E402
+from shared import parallel_copy, tensor_codec  # noqa: E402
 from shared.tensor_codec import EmbeddingAssembler, decode_response, pack_embedding, pack_tensors, tensor_bytes  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main() -> None:
              "torch_clone_4mib": timed(lambda: tensors["prompt_embeds"].clone()),
              "pack_tensors": timed(lambda: pack_tensors(tensors)), "client_reassemble": timed(reassemble)}
     report = {"benchmark": "wire_parts", "python": platform.python_version(), "zlib": zlib.ZLIB_RUNTIME_VERSION,
-              "wire_crc32": tensor_codec.crc32.__module__,
+              "wire_crc32": parallel_copy._crc32.__module__,
               "processor": platform.processor() or platform.machine(), "bytes": view.nbytes, "median_ms": parts,
               "crc32_zlib_gb_per_s": round(view.nbytes / parts["crc32_zlib_4mib"] / 1e6, 2),
               "crc32_wire_gb_per_s": round(view.nbytes / parts["crc32_wire_4mib"] / 1e6, 2),

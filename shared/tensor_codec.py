@@ -18,15 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shared import parallel_copy
-from shared.parallel_copy import copy_many
+from shared.parallel_copy import copy_many, crc32
 from shared.promptcast.v1 import encoder_pb2 as pb
-
-try:  # zlib-ng: the same CRC-32 as zlib, with the CPU's carry-less multiply: 10x faster than zlib 1.3 (2 GB/s on a
-    # GPU box's core, 2 ms of every FLUX.1 embedding on each side of the wire)
-    from zlib_ng.zlib_ng import crc32
-except ImportError:  # pragma: no cover - a platform without its wheel
-    from zlib import crc32
 
 CHUNK_BYTES = 1 << 20
 # Hard ceiling for one prompt's tensor, far above FLUX.2-dev's 15 MiB, so a hostile header
@@ -295,7 +288,7 @@ class EmbeddingAssembler:
                 data = self.shared.lend(start, spec.byte_length)
             except ValueError as e:
                 raise PayloadError(f"prompt {header.index}: {e}") from None
-            self._verify(spec, parallel_copy.crc32(data), header.index)
+            self._verify(spec, crc32(data), header.index)
             tensor = torch.from_numpy(data).view(dtypes[spec.name])
             self.tensors[spec.name] = ([tensor.reshape(tuple(spec.shape))] if spec.variable_length else
                                        tensor.reshape((1, *spec.shape)))
@@ -338,7 +331,7 @@ class EmbeddingAssembler:
             raise PayloadError(f"tensor {spec.name!r} of prompt {self._current.index}: chunk overruns "
                                f"its {view.nbytes} bytes")
         copy_many([(view[self._offset:end], chunk)])  # a shared-memory prompt's bytes in one piece: several threads
-        self._crc = parallel_copy.crc32(chunk, self._crc)
+        self._crc = crc32(chunk, self._crc)
         self._offset = end
         self._skip_empty_targets()
 
