@@ -1,6 +1,8 @@
 """Where the device's time goes in one FLUX.1 text-encoder forward (T5-XXL + CLIP-L, random bf16 weights at the real
 shapes): `torch.profiler` kernel times grouped as matmuls, attention, normalization and elementwise, copies, other;
 at batch 1 and at the server's full batch, beside the wall time of the same forward and its matmul-only bound.
+With `--fused`, each batch again with the server's fused elementwise kernels (`encoder_server.fused_kernels`), and
+whether its outputs are the eager forward's bytes.
 
     python bench/encoder_kernels.py --out bench/results/encoder_kernels_h200.json    # CUDA, ~1 min
 """
@@ -73,11 +75,40 @@ def profile(encoder, batch: int) -> dict:
                     for g, items in top.items()}}
 
 
+def fused_batches(encoder, batches: list[int], eager: dict) -> dict:
+    """Each batch with the fused kernels: the profile, its device and wall time against eager's, and whether every
+    output is byte for byte the eager forward's on the same prompts."""
+    from encoder_server.fused_kernels import fuse_elementwise, unfuse_elementwise
+
+    modules = [encoder.pipe.text_encoder, encoder.pipe.text_encoder_2]
+    outputs = {}
+    for batch in batches:
+        prompts = [prompt(i, f"fused{batch}") for i in range(batch)]
+        outputs[batch] = {k: v.cpu() for k, v in encoder.encode(prompts, None, 512).items()}
+    changed = sum(fuse_elementwise(module) for module in modules)
+    out = {"modules_fused": changed}
+    try:
+        for batch in batches:
+            prompts = [prompt(i, f"fused{batch}") for i in range(batch)]
+            got = {k: v.cpu() for k, v in encoder.encode(prompts, None, 512).items()}
+            result = profile(encoder, batch)
+            result["identical"] = all(torch.equal(outputs[batch][k], got[k]) for k in got)
+            result["x_eager_device"] = round(eager[str(batch)]["device_ms"] / result["device_ms"], 3)
+            result["x_eager_wall"] = round(eager[str(batch)]["wall_ms"] / result["wall_ms"], 3)
+            out[str(batch)] = result
+            print("fused", json.dumps(result), flush=True)
+    finally:
+        for module in modules:
+            unfuse_elementwise(module)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench/results/encoder_kernels.json")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test of the script)")
+    parser.add_argument("--fused", action="store_true", help="also with the fused elementwise kernels (CUDA)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -97,6 +128,8 @@ def main() -> None:
             result["mfu"] = round(result["matmul_bound_ms"] / result["wall_ms"], 3)
             report["batches"][str(batch)] = result
             print(json.dumps(result), flush=True)
+        if args.fused:
+            report["fused"] = fused_batches(encoder, args.batches, report["batches"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

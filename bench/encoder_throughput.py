@@ -393,10 +393,13 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
         from encoder_server.worker_process import ProcessEncoder
 
         parts = variant.split("+") if variant else []
-        child = ProcessEncoder(json.dumps({"family": name, "tiny": args.tiny, "tokenizer_dir": str(tokenizer_dir)}),
-                               name=encoder.name, device=str(device), dtype=dtype,
-                               factory="encoder_throughput:process_encoder", cuda_graphs="graphs" in parts,
-                               compile="compile" in parts)
+        # `unfused`: the child without the fused elementwise kernels (it reads the switch from its environment).
+        with fused_kernels_off("unfused" in parts):
+            child = ProcessEncoder(json.dumps({"family": name, "tiny": args.tiny,
+                                               "tokenizer_dir": str(tokenizer_dir)}),
+                                   name=encoder.name, device=str(device), dtype=dtype,
+                                   factory="encoder_throughput:process_encoder", cuda_graphs="graphs" in parts,
+                                   compile="compile" in parts)
         label = "_".join(["process_worker", *parts])
         try:
             report[label] = served(f"{name}-{label}", args.clients, on=child)
@@ -452,13 +455,15 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
 
 def accelerate(encoder, variant: str):
     """Set the encoder up as `promptcast serve` does for `variant`: '+'-joined `graphs` (--cuda-graphs), `compile`
-    (--compile) and a --quantize mode, applied to the large text encoder (T5 / Mistral; FLUX.1's CLIP stays bf16).
+    (--compile) and a --quantize mode, applied to the large text encoder (T5 / Mistral; FLUX.1's CLIP stays bf16);
+    graphs without `compile` fuse the elementwise kernels too, unless `unfused`.
     Returns a function that puts the eager bf16 encoder back."""
     from encoder_server.acceleration import compile_repeated_blocks, enable_cuda_graphs, repeated_blocks
+    from encoder_server.fused_kernels import fuse_elementwise, unfuse_elementwise
     from encoder_server.quantize import QUANTIZATIONS, quantize_module
 
-    parts = variant.split("+")
-    unknown = [p for p in parts if p not in ("graphs", "compile", *QUANTIZATIONS)]
+    parts = [p for p in variant.split("+") if p]
+    unknown = [p for p in parts if p not in ("graphs", "compile", "unfused", *QUANTIZATIONS)]
     if unknown:
         raise ValueError(f"unknown acceleration {unknown} in {variant!r}")
     holder, attr = (encoder.pipe, "text_encoder_2") if hasattr(encoder, "pipe") else (encoder, "text_encoder")
@@ -469,6 +474,9 @@ def accelerate(encoder, variant: str):
     if "compile" in parts:
         for module in encoder_modules(encoder):
             compile_repeated_blocks(module)
+    elif "graphs" in parts and "unfused" not in parts:  # as the server does with graphs and without --compile
+        for module in encoder_modules(encoder):
+            fuse_elementwise(module)
     if "graphs" in parts:
         for module in encoder_modules(encoder):
             enable_cuda_graphs(module)
@@ -478,6 +486,7 @@ def accelerate(encoder, variant: str):
     def undo():
         for module in encoder_modules(encoder):
             vars(module).pop("forward", None)  # back to the class's eager forward
+            unfuse_elementwise(module)
             for block in repeated_blocks(module):
                 block._compiled_call_impl = None
         setattr(holder, attr, bf16)
@@ -490,6 +499,22 @@ def accelerate(encoder, variant: str):
     return undo
 
 
+@contextlib.contextmanager
+def fused_kernels_off(off: bool):
+    import os
+
+    before = os.environ.get("PROMPTCAST_FUSED_KERNELS")
+    if off:
+        os.environ["PROMPTCAST_FUSED_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PROMPTCAST_FUSED_KERNELS", None)
+        else:
+            os.environ["PROMPTCAST_FUSED_KERNELS"] = before
+
+
 def process_encoder(source: str, *, device, dtype, cuda_graphs=False, compile=False, **_):
     """What a `--worker process` child builds for the benchmark: the same random-weight encoder, from the same seed
     (its blocks compiled and its forwards graphed as `--compile` and `--cuda-graphs` do, if asked)."""
@@ -498,9 +523,7 @@ def process_encoder(source: str, *, device, dtype, cuda_graphs=False, compile=Fa
     encoder = build(torch.device(device), dtype, spec["tiny"], pathlib.Path(spec["tokenizer_dir"]))
     if hasattr(encoder, "after_baseline"):
         encoder.after_baseline()
-    parts = [p for p, on in (("compile", compile), ("graphs", cuda_graphs)) if on]
-    if parts:
-        accelerate(encoder, "+".join(parts))
+    accelerate(encoder, "+".join(p for p, on in (("compile", compile), ("graphs", cuda_graphs)) if on))
     return encoder
 
 
