@@ -3,18 +3,20 @@
 Requests for the same model and `max_sequence_length` that arrive within `max_wait_ms` of each other are merged into
 one forward pass (bounded by `max_batch_size` prompts and `max_batch_tokens` padded tokens); each request gets exactly
 its own rows back. A lone client does not wait for company: while the device is idle, the last batch held one request
-and only one is queued, it starts at once. The queue is bounded: past `max_queue` waiting requests, `submit` raises
-`Overloaded` at once instead of growing memory. A request whose deadline has passed, or whose every waiter went away,
-is dropped before GPU work. A batch that runs out of GPU memory is split in halves and retried; only a request that
-cannot fit on its own fails, with `Overloaded`. Rows with NaN or Inf fail their request (`EncodeFailed`). A
-variable-length output is a list of per-prompt tensors throughout; every other one a `(B, ...)` tensor.
+and only one is queued, it starts at once. While a batch is on the device, a partial one waits up to a quarter of the
+last batch's time after the last hand-out (sooner, it would only queue behind that batch): the clients one batch
+answered fill the next together, and a request left over from before does not make it go without them (leaving one
+of them over in turn, a batch later, batch after batch). The queue is bounded: past `max_queue` waiting requests,
+`submit` raises `Overloaded` at once instead of growing memory. A request whose deadline has passed, or whose every
+waiter went away, is dropped before GPU work. A batch that runs out of GPU memory is split in halves and retried; only
+a request that cannot fit on its own fails, with `Overloaded`. Rows with NaN or Inf fail their request (`EncodeFailed`).
+A variable-length output is a list of per-prompt tensors throughout; every other one a `(B, ...)` tensor.
 
 Every queue decision (accept, drop, merge) is made on the event loop's thread, so a request that joins a job and a
 worker that drops it never race. The worker thread only tokenizes and queues each forward pass and its copy to
-(pinned) host memory, then takes the next batch; a finishing thread
-waits for the copy (one sync a batch, NaN/Inf flags computed on the device travel with it), packs each prompt's
-rows for the wire when asked to, and hands them out. Batches finish in order, with at most one on the device behind
-the one being launched.
+(pinned) host memory, then takes the next batch; a finishing thread waits for the copy (one sync a batch, NaN/Inf flags
+computed on the device travel with it), packs each prompt's rows for the wire when asked to, and hands them out.
+Batches finish in order, with at most one on the device behind the one being launched.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class DynamicBatcher:
         # Waits for each batch's bytes on the host and hands its rows out, while the worker launches the next.
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"finish-{encoder.name}")
         self._last_ready = 0.0
+        self._last_busy = 0.0  # seconds the last batch added to busy_seconds: about a batch's time on the device
+        self._handed_out_at = 0.0  # time.monotonic() of the last hand-out: its clients come back from then on
         self._task: asyncio.Task | None = None
         self._in_flight = 0  # batches taken from the queue and not yet handed out
         self._last_jobs = 0  # requests in the last batch taken (0: none yet, so the first one waits for company)
@@ -131,9 +135,8 @@ class DynamicBatcher:
     async def probe(self) -> None:
         """Return once the worker and the finishing thread have each come back from what they were doing: a batch
         the device never finishes keeps this waiting (the GPU watchdog)."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, _noop)
-        await loop.run_in_executor(self._finisher, _noop)
+        for thread in (self._executor, self._finisher):  # any call: it returns once the thread is free
+            await asyncio.get_running_loop().run_in_executor(thread, time.monotonic)
 
     def run_sync(self, prompts, prompts_2, max_sequence_length) -> dict[str, torch.Tensor]:
         """Encode outside the queue (warm-up, tests)."""
@@ -172,11 +175,13 @@ class DynamicBatcher:
 
     def _handed_out(self, finished: asyncio.Future) -> None:
         self._in_flight -= 1
+        self._handed_out_at = time.monotonic()
+        self._wakeup.set()  # a batch held for company behind this one goes now
         _hand_out(finished)
 
     async def _next_batch(self) -> list[EncodeJob]:
         while (batch := self._ready_batch()) is None:
-            timeout = self._queue[0].enqueued_at + self.max_wait - time.monotonic() if self._queue else None
+            timeout = self._goes_at(self._queue[0]) - time.monotonic() if self._queue else None
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
@@ -184,16 +189,22 @@ class DynamicBatcher:
                 pass
         return batch
 
+    def _goes_at(self, first: EncodeJob) -> float:
+        """When a partial batch led by `first` goes: `max_wait` after it came, later behind a busy device (above)."""
+        if not self._in_flight:
+            return first.enqueued_at + self.max_wait
+        return max(first.enqueued_at, self._handed_out_at) + max(self.max_wait, self._last_busy / 4)
+
     def _ready_batch(self) -> list[EncodeJob] | None:
-        """The oldest live job and every compatible one, once the batch is full or the oldest has waited
-        `max_wait` (time spent behind a busy GPU counts, so a backlog is taken at once); else None."""
+        """The oldest live job and every compatible one, once the batch is full or it is `_goes_at` time (time spent
+        behind a busy GPU counts, so a backlog is taken at once); else None."""
         self._drop_dead()
         if not self._queue:
             return None
         first = self._queue[0]
         batch, full = self._compatible(first)
         alone = self._in_flight == 0 and self._last_jobs == 1 and len(self._queue) == 1
-        if not full and not alone and time.monotonic() < first.enqueued_at + self.max_wait:
+        if not full and not alone and time.monotonic() < self._goes_at(first):
             return None
         self._in_flight += 1
         self._last_jobs = len(batch)
@@ -252,7 +263,8 @@ class DynamicBatcher:
             if not isinstance(outcome, Exception):
                 job.packed = [self.pack({name: t[i] for name, t in outcome.items()}) for i in range(job.rows)]
         ended = time.perf_counter()
-        self.stats.busy_seconds += ended - max(launched.started, self._last_ready)  # overlaps counted once
+        self._last_busy = ended - max(launched.started, self._last_ready)  # overlaps counted once
+        self.stats.busy_seconds += self._last_busy
         self._last_ready = ended
         if self.on_batch is not None:
             self.on_batch(launched.rows, launched.queue_seconds, ended - launched.started)
@@ -278,7 +290,8 @@ class DynamicBatcher:
         if on_device is not None:
             yield on_device
             return
-        _empty_cache(self.encoder.device)
+        if self.encoder.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.stats.oom_splits += 1
         if len(jobs) > 1:
             logger.warning("out of memory on a batch of %d requests (%d prompts); splitting it",
@@ -371,28 +384,15 @@ class _Launched:
     started: float
     steps: list  # _OnDevice batches and (job, error) pairs, in the batch's order
 
+
 def _hand_out(finished: asyncio.Future) -> None:
     if finished.cancelled():
         return
     for job, outcome in finished.result():
         if isinstance(outcome, Exception):
             _fail(job.future, outcome)
-        else:
-            _succeed(job.future, outcome)
-
-
-def _empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _noop() -> None:
-    return None
-
-
-def _succeed(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
+        elif not job.future.done():
+            job.future.set_result(outcome)
 
 
 def _fail(future: asyncio.Future, error: Exception) -> None:

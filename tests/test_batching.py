@@ -444,6 +444,45 @@ def test_serve_quantize_on_cpu_fails_with_one_clear_line(tiny_flux1):
     assert "--quantize nf4 needs a CUDA device" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_behind_a_busy_device_a_partial_batch_waits_for_the_clients_coming_back(encoder):
+    """While a batch is on the device, the next one waits up to a quarter of the last batch's time for company, not
+    `max_wait`: launched sooner it would only queue behind that batch, and the clients one batch answered, coming back
+    a few milliseconds apart, go together instead of the last of them waiting a whole batch longer. Once the device
+    has nothing in flight, `max_wait` holds again."""
+    import asyncio
+
+    from encoder_server import batcher as batching
+
+    async def scenario():
+        batcher = batching.DynamicBatcher(encoder, max_wait_ms=1)  # not started: the test takes the batches
+        batcher._in_flight, batcher._last_busy = 1, 0.4  # a 0.4 s batch on the device
+        first = batcher.submit(["back first"], None, LENGTH)
+        await asyncio.sleep(0.03)  # 30 times max_wait
+        assert batcher._ready_batch() is None
+        second = batcher.submit(["back second"], None, LENGTH)
+        batcher._last_busy = 0.04  # a quarter of it (10 ms) has passed: the two go together
+        assert batcher._ready_batch() == [first, second]
+        third = batcher.submit(["behind the next"], None, LENGTH)
+        batcher._last_busy = 0.4
+        await asyncio.sleep(0.03)
+        assert batcher._ready_batch() is None
+        batcher._in_flight = 0  # handed out: the device is free, and the third has waited past max_wait
+        assert batcher._ready_batch() == [third]
+        # A request left over from an earlier batch, with a batch on the device that was just handed its clients'
+        # answers: the leftover's age does not make the next batch go before they are back.
+        leftover = batcher.submit(["left over"], None, LENGTH)
+        batcher._last_busy = 0.04
+        await asyncio.sleep(0.03)  # three times its window
+        batcher._in_flight, batcher._handed_out_at = 1, time.monotonic()
+        assert batcher._ready_batch() is None
+        returning = batcher.submit(["coming back"], None, LENGTH)
+        await asyncio.sleep(0.02)  # past a quarter of the last batch's time after the hand-out
+        assert batcher._ready_batch() == [leftover, returning]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_lone_client_does_not_wait_for_company_and_concurrent_ones_still_do(encoder):
     import asyncio
 
