@@ -222,9 +222,9 @@ def client_process_init() -> None:
     import denoiser_client  # noqa: F401 - imported before the first measurement, not during it
 
 
-def client_process(job) -> tuple[list[float], float]:
-    """One load-generating process: `threads` closed-loop clients for `seconds`; latencies of completed calls and
-    when the last one ended."""
+def client_process(job) -> tuple[list[tuple[float, float]], float]:
+    """One load-generating process: `threads` closed-loop clients for `seconds`; (start, latency) of each completed
+    call and when the last one ended."""
     address, threads, seconds, tag, start_at = job
     from denoiser_client import RemoteTextEncoder
 
@@ -238,10 +238,10 @@ def client_process(job) -> tuple[list[float], float]:
     def loop(t):
         i = 0
         while time.time() < stop_at:
-            begin = time.perf_counter()
+            began, begin = time.time(), time.perf_counter()
             client.encode(prompt(i, f"{tag}-{t}"))
             with lock:
-                latencies.append(time.perf_counter() - begin)
+                latencies.append((began, time.perf_counter() - begin))
             i += 1
 
     workers = [threading.Thread(target=loop, args=(t,)) for t in range(threads)]
@@ -273,7 +273,13 @@ def server_levels(encoder, clients: list[int], seconds: float, pool, processes: 
             jobs = [(server.address, threads, seconds, f"{tag}-c{n}-p{k}", start_at) for k, threads in enumerate(per)]
             results = pool.map(client_process, jobs, chunksize=1)
             elapsed = max(end for _, end in results) - start_at
-            level = summarize([x for r, _ in results for x in r], elapsed)
+            calls = [call for r, _ in results for call in r]
+            level = summarize([latency for _, latency in calls], elapsed)
+            # Past the first second: the calls of every client once the start's burst (all of them at once, on an
+            # idle server) has gone through.
+            steady = [latency for began, latency in calls if began >= start_at + 1.0]
+            if steady:
+                level["steady"] = {k: v for k, v in summarize(steady, elapsed - 1.0).items() if k != "prompts_per_s"}
             batches, prompts = batcher.stats.batches - before[0], batcher.stats.prompts - before[1]
             level["mean_batch"] = round(prompts / max(batches, 1), 2)
             busy = batcher.stats.busy_seconds - before[2]

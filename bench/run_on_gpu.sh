@@ -25,7 +25,9 @@ mkdir -p bench/results
 if [ "${1:-}" = "--tests" ]; then
   shift
   log=bench/results/gpu_suite.log
-  { date -u; git log -1 --format='commit %H %s' 2>/dev/null || true; } > "$log"
+  # The device's checkout may carry an older commit under a newer working tree: the count says whether it does.
+  { date -u; git log -1 --format='commit %H %s' 2>/dev/null || true
+    echo "working tree: $(git status --porcelain 2>/dev/null | wc -l) paths differ from that commit"; } > "$log"
   [ -n "${OUT:-}" ] && cp "$log" "$OUT/gpu_suite.log"  # the log comes back even if the run is cut short
   # GPU_SUITE_SHARDS pytest processes side by side (each in-process server of the suite starts a model worker
   # process, which imports torch and diffusers: alone, the suite would outlast a 10-minute device call). A test still

@@ -483,6 +483,59 @@ def test_behind_a_busy_device_a_partial_batch_waits_for_the_clients_coming_back(
     asyncio.run(scenario())
 
 
+class _SerialDevice:
+    """A model whose forward passes run one after another on a device of their own, `seconds` each; `launch` returns
+    at once, as a CUDA launch queued behind the running batch does (the batcher's `launch` interface)."""
+
+    name, device, default_max_sequence_length = "serial", torch.device("cpu"), LENGTH
+
+    def __init__(self, seconds: float):
+        self.seconds, self.free_at, self.lock = seconds, 0.0, threading.Lock()
+
+    def launch(self, prompts, prompts_2, max_sequence_length):
+        with self.lock:
+            self.free_at = max(time.monotonic(), self.free_at) + self.seconds
+            end = self.free_at
+        host = {"prompt_embeds": torch.zeros(len(prompts), 2)}
+        return host, {}, _Until(end)
+
+
+class _Until:
+    def __init__(self, end: float):
+        self.end = end
+
+    def synchronize(self):
+        time.sleep(max(0.0, self.end - time.monotonic()))
+
+
+def test_thirty_two_clients_coming_back_a_few_ms_apart_keep_filling_whole_batches():
+    """32 closed-loop clients, batches of at most 16, two batches in flight: each client starts and comes back a few
+    milliseconds after its answer, later than `max_wait`. Every batch after the first two still holds 16 (a batch
+    that left without the last of its clients would leave that one over for the next, and so on)."""
+    import asyncio
+
+    from encoder_server import batcher as batching
+
+    async def scenario():
+        rng = random.Random(0)
+        batcher = batching.DynamicBatcher(_SerialDevice(0.05), max_batch_size=16, max_wait_ms=2.0)
+        batcher.start()
+        stop = time.monotonic() + 1.5
+
+        async def client(k):
+            await asyncio.sleep(rng.uniform(0, 0.008))
+            while time.monotonic() < stop:
+                await batcher.submit([f"client {k}"], None, LENGTH).future
+                await asyncio.sleep(rng.uniform(0, 0.006))
+
+        await asyncio.gather(*(client(k) for k in range(32)))
+        await batcher.close()
+        return batcher.stats
+
+    stats = asyncio.run(scenario())
+    assert stats.batches >= 20 and stats.prompts / stats.batches >= 14, vars(stats)
+
+
 def test_a_lone_client_does_not_wait_for_company_and_concurrent_ones_still_do(encoder):
     import asyncio
 
