@@ -26,6 +26,7 @@ import copy
 import gc
 import json
 import multiprocessing as mp
+import os
 import pathlib
 import platform
 import statistics
@@ -214,7 +215,8 @@ def summarize(latencies: list[float], elapsed: float) -> dict:
     ordered = sorted(latencies)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     return {"requests": len(ordered), "prompts_per_s": round(len(ordered) / elapsed, 2),
-            "p50_ms": round(1000 * statistics.median(ordered), 1), "p99_ms": round(1000 * pick(0.99), 1)}
+            "p50_ms": round(1000 * statistics.median(ordered), 1), "p90_ms": round(1000 * pick(0.9), 1),
+            "p99_ms": round(1000 * pick(0.99), 1), "max_ms": round(1000 * ordered[-1], 1)}
 
 
 def client_process_init() -> None:
@@ -507,8 +509,6 @@ def accelerate(encoder, variant: str):
 
 @contextlib.contextmanager
 def fused_kernels_off(off: bool):
-    import os
-
     before = os.environ.get("PROMPTCAST_FUSED_KERNELS")
     if off:
         os.environ["PROMPTCAST_FUSED_KERNELS"] = "0"
