@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from unittest import mock
 
 import torch
 
@@ -466,8 +467,8 @@ def accelerate(encoder, variant: str):
     (--compile) and a --quantize mode, applied to the large text encoder (T5 / Mistral; FLUX.1's CLIP stays bf16);
     graphs without `compile` fuse the elementwise kernels too, unless `unfused`.
     Returns a function that puts the eager bf16 encoder back."""
-    from encoder_server.acceleration import compile_repeated_blocks, enable_cuda_graphs, repeated_blocks
-    from encoder_server.fused_kernels import fuse_elementwise, unfuse_elementwise
+    from encoder_server.acceleration import accelerate_module, repeated_blocks
+    from encoder_server.fused_kernels import unfuse_elementwise
     from encoder_server.quantize import QUANTIZATIONS, quantize_module
 
     parts = [p for p in variant.split("+") if p]
@@ -479,15 +480,9 @@ def accelerate(encoder, variant: str):
     quantize = next((p for p in parts if p in QUANTIZATIONS), None)
     if quantize:
         setattr(holder, attr, quantize_module(copy.deepcopy(bf16), quantize, encoder.device, encoder.dtype))
-    if "compile" in parts:
-        for module in encoder_modules(encoder):
-            compile_repeated_blocks(module)
-    elif "graphs" in parts and "unfused" not in parts:  # as the server does with graphs and without --compile
-        for module in encoder_modules(encoder):
-            fuse_elementwise(module)
-    if "graphs" in parts:
-        for module in encoder_modules(encoder):
-            enable_cuda_graphs(module)
+    with fused_kernels_off("unfused" in parts):
+        for module in encoder_modules(encoder):  # as the server sets up each module
+            accelerate_module(module, compile="compile" in parts, cuda_graphs="graphs" in parts)
     encoder.quantize, encoder.compile, encoder.cuda_graphs = quantize, "compile" in parts, "graphs" in parts
     vars(encoder).pop("_fingerprint", None)
 
@@ -507,18 +502,9 @@ def accelerate(encoder, variant: str):
     return undo
 
 
-@contextlib.contextmanager
 def fused_kernels_off(off: bool):
-    before = os.environ.get("PROMPTCAST_FUSED_KERNELS")
-    if off:
-        os.environ["PROMPTCAST_FUSED_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("PROMPTCAST_FUSED_KERNELS", None)
-        else:
-            os.environ["PROMPTCAST_FUSED_KERNELS"] = before
+    """`PROMPTCAST_FUSED_KERNELS=0` while in it, if `off` (`fused_kernels.available` reads it)."""
+    return mock.patch.dict(os.environ, {"PROMPTCAST_FUSED_KERNELS": "0"} if off else {})
 
 
 def process_encoder(source: str, *, device, dtype, cuda_graphs=False, compile=False, **_):

@@ -29,6 +29,20 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def accelerate_module(module: nn.Module, *, compile: bool, cuda_graphs: bool) -> None:
+    """`--compile` compiles `module`'s repeated blocks; graphed without it, its GELUs and RMS norms take the fused
+    kernels that give eager's bytes (`fused_kernels`: launched from Python each costs more host time than the ATen
+    kernels it replaces, in a replay nothing); `--cuda-graphs` then replays its forward."""
+    from encoder_server.fused_kernels import fuse_elementwise
+
+    if compile:
+        compile_repeated_blocks(module)
+    elif cuda_graphs:
+        fuse_elementwise(module)
+    if cuda_graphs:
+        enable_cuda_graphs(module)
+
+
 def check_acceleration(compile: bool, cuda_graphs: bool, device: torch.device) -> None:
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device; this server runs on {device}: drop --cuda-graphs or "
@@ -189,5 +203,5 @@ def _rows(output, bucket: int, rows: int):
                     output)
 
 
-__all__ = ["default_cuda_graphs", "compile_repeated_blocks", "repeated_blocks", "is_compiled", "attention_report",
+__all__ = ["accelerate_module", "default_cuda_graphs", "compile_repeated_blocks", "repeated_blocks", "is_compiled", "attention_report",
            "warm_up_batch_sizes", "enable_cuda_graphs", "CUDAGraphForward", "GRAPH_BUCKETS", "graph_bucket"]

@@ -77,12 +77,9 @@ class Encoder(ABC):
         """Every family passes each loaded text encoder through here (may be on the CPU or the device): it is
         moved to `self.device`, quantized with `--quantize` when `quantize` (pass False for small encoders whose
         precision matters more than their memory, e.g. FLUX.1's CLIP), and its repeated blocks compiled with
-        `--compile`, or its forward replayed as CUDA graphs with `--cuda-graphs`; graphed without `--compile`, its
-        GELUs and RMS norms run fused kernels that give eager's bytes (`fused_kernels`: launched from Python each
-        call, a Triton kernel costs more host time than the ATen kernels it replaces; in a replay it costs nothing).
-        Returns the module to use."""
-        from encoder_server.acceleration import compile_repeated_blocks, enable_cuda_graphs
-        from encoder_server.fused_kernels import fuse_elementwise
+        `--compile`, or its forward replayed as CUDA graphs with `--cuda-graphs` (with fused elementwise kernels:
+        `accelerate_module`). Returns the module to use."""
+        from encoder_server.acceleration import accelerate_module
         from encoder_server.quantize import quantize_module
 
         module = module.eval()
@@ -90,12 +87,7 @@ class Encoder(ABC):
             module = quantize_module(module, self.quantize, self.device, self.dtype)
         else:
             module = module.to(self.device)
-        if self.compile:
-            compile_repeated_blocks(module)
-        elif self.cuda_graphs:
-            fuse_elementwise(module)
-        if self.cuda_graphs:
-            enable_cuda_graphs(module)
+        accelerate_module(module, compile=self.compile, cuda_graphs=self.cuda_graphs)
         register_execution_device(module, self.device)
         return module
 
