@@ -225,9 +225,9 @@ def client_process_init() -> None:
     import denoiser_client  # noqa: F401 - imported before the first measurement, not during it
 
 
-def client_process(job) -> tuple[list[tuple[float, float]], float]:
-    """One load-generating process: `threads` closed-loop clients for `seconds`; (start, latency) of each completed
-    call and when the last one ended."""
+def client_process(job) -> tuple[list[tuple[float, float, str]], float]:
+    """One load-generating process: `threads` closed-loop clients for `seconds`; (start, latency, client) of each
+    completed call and when the last one ended."""
     address, threads, seconds, tag, start_at = job
     from denoiser_client import RemoteTextEncoder
 
@@ -244,7 +244,7 @@ def client_process(job) -> tuple[list[tuple[float, float]], float]:
             began, begin = time.time(), time.perf_counter()
             client.encode(prompt(i, f"{tag}-{t}"))
             with lock:
-                latencies.append((began, time.perf_counter() - begin))
+                latencies.append((began, time.perf_counter() - begin, f"{tag}-{t}"))
             i += 1
 
     workers = [threading.Thread(target=loop, args=(t,)) for t in range(threads)]
@@ -269,7 +269,16 @@ def server_levels(encoder, clients: list[int], seconds: float, pool, processes: 
     try:
         server.start(timeout=args.start_timeout)
         batcher = server.server.service.batchers[encoder.name]
+        batch_log, observe = [], batcher.on_batch
+
+        def traced(rows, queue_seconds, encode_seconds):  # the finishing thread, once a batch is on the host
+            batch_log.append((time.time(), rows, queue_seconds, encode_seconds))
+            if observe is not None:
+                observe(rows, queue_seconds, encode_seconds)
+
+        batcher.on_batch = traced
         for n in clients:
+            batch_log.clear()
             per = [n // processes + (k < n % processes) for k in range(min(processes, n))]
             before = (batcher.stats.batches, batcher.stats.prompts, batcher.stats.busy_seconds)
             start_at = time.time() + 0.5
@@ -277,10 +286,10 @@ def server_levels(encoder, clients: list[int], seconds: float, pool, processes: 
             results = pool.map(client_process, jobs, chunksize=1)
             elapsed = max(end for _, end in results) - start_at
             calls = [call for r, _ in results for call in r]
-            level = summarize([latency for _, latency in calls], elapsed)
+            level = summarize([latency for _, latency, _ in calls], elapsed)
             # Past the first second: the calls of every client once the start's burst (all of them at once, on an
             # idle server) has gone through.
-            steady = [latency for began, latency in calls if began >= start_at + 1.0]
+            steady = [latency for began, latency, _ in calls if began >= start_at + 1.0]
             if steady:
                 level["steady"] = {k: v for k, v in summarize(steady, elapsed - 1.0).items() if k != "prompts_per_s"}
             batches, prompts = batcher.stats.batches - before[0], batcher.stats.prompts - before[1]
@@ -288,8 +297,14 @@ def server_levels(encoder, clients: list[int], seconds: float, pool, processes: 
             busy = batcher.stats.busy_seconds - before[2]
             level["worker_busy"] = round(busy / elapsed, 3)  # fraction of the time the GPU worker was encoding
             level["mean_batch_ms"] = round(1000 * busy / max(batches, 1), 1)
+            if args.trace:  # every call and every batch, in ms from the level's start: the tail's shape
+                level["trace"] = {
+                    "calls": [[round(1000 * (began - start_at), 1), round(1000 * latency, 1), client]
+                              for began, latency, client in sorted(calls)],
+                    "batches": [[round(1000 * (ready - start_at), 1), rows, round(1000 * queued, 1),
+                                 round(1000 * encoding, 1)] for ready, rows, queued, encoding in list(batch_log)]}
             levels[str(n)] = level
-            print(f"  {tag} {n:>4} clients: {level}", flush=True)
+            print(f"  {tag} {n:>4} clients: { {k: v for k, v in level.items() if k != 'trace'} }", flush=True)
     finally:
         server.stop()
     return levels
@@ -588,6 +603,8 @@ def main():
     parser.add_argument("--fidelity-prompts", type=int, default=16)
     parser.add_argument("--direct-batches", type=int, nargs="*", default=[1, 16, 32])
     parser.add_argument("--processes", type=int, default=8, help="client processes (threads share them)")
+    parser.add_argument("--trace", action="store_true",
+                        help="keep every call's start and latency and every batch's size and times in the results")
     args = parser.parse_args()
     args.seconds = args.seconds or (1.5 if args.tiny else 5.0)
     args.process_worker = [] if args.process_worker is None else args.process_worker or ["", "graphs"]
