@@ -220,6 +220,35 @@ def summarize(latencies: list[float], elapsed: float) -> dict:
             "p99_ms": round(1000 * pick(0.99), 1), "max_ms": round(1000 * ordered[-1], 1)}
 
 
+def log_gc_pauses() -> None:
+    """With `--trace`: append each garbage collection of this process taking 1 ms or more to the file named by
+    PROMPTCAST_BENCH_GC_LOG (the server's process and its model worker's both), as `pid time generation seconds`."""
+    path = os.environ.get("PROMPTCAST_BENCH_GC_LOG")
+    if not path:
+        return
+    began = {}
+
+    def timed(phase, info):
+        if phase == "start":
+            began["t"] = time.perf_counter()
+        elif time.perf_counter() - began.get("t", time.perf_counter()) >= 0.001:
+            with open(path, "a") as f:
+                f.write(f"{os.getpid()} {time.time():.4f} {info['generation']} "
+                        f"{time.perf_counter() - began['t']:.4f}\n")
+
+    gc.callbacks.append(timed)
+
+
+def gc_pauses(since: float, until: float) -> list:
+    """The pauses `log_gc_pauses` wrote between two times: [ms from `since`, process, generation, ms]."""
+    path = os.environ.get("PROMPTCAST_BENCH_GC_LOG")
+    if not path or not os.path.exists(path):
+        return []
+    rows = [line.split() for line in open(path)]
+    return [[round(1000 * (float(t) - since), 1), "server" if int(pid) == os.getpid() else "worker", int(gen),
+             round(1000 * float(seconds), 1)] for pid, t, gen, seconds in rows if since <= float(t) <= until]
+
+
 def client_process_init() -> None:
     sys.path.insert(0, str(ROOT))
     import denoiser_client  # noqa: F401 - imported before the first measurement, not during it
@@ -256,8 +285,10 @@ def client_process(job) -> tuple[list[tuple[float, float, str]], float]:
     return latencies, time.time()
 
 
-def server_levels(encoder, clients: list[int], seconds: float, pool, processes: int, args, tag: str) -> dict:
-    """The real server around `encoder`, driven at each concurrency; batcher stats per level."""
+def server_levels(encoder, clients: list[int], seconds: float, pool, processes: int, args, tag: str,
+                  frozen: bool = False) -> dict:
+    """The real server around `encoder`, driven at each concurrency; batcher stats per level. `frozen`: this
+    process's heap is moved out of the garbage collector's sight once the server is warm (`gc.freeze`)."""
     from encoder_server.server import BackgroundServer, ModelSpec, ServerConfig
 
     config = ServerConfig([ModelSpec("bench", name=encoder.name)], port=0, cache_mem=0, cache_dir=None,
@@ -268,6 +299,9 @@ def server_levels(encoder, clients: list[int], seconds: float, pool, processes: 
     server = BackgroundServer(config, encoders=[encoder])
     try:
         server.start(timeout=args.start_timeout)
+        if frozen:
+            gc.collect()
+            gc.freeze()
         batcher = server.server.service.batchers[encoder.name]
         batch_log, observe = [], batcher.on_batch
 
@@ -302,11 +336,13 @@ def server_levels(encoder, clients: list[int], seconds: float, pool, processes: 
                     "calls": [[round(1000 * (began - start_at), 1), round(1000 * latency, 1), client]
                               for began, latency, client in sorted(calls)],
                     "batches": [[round(1000 * (ready - start_at), 1), rows, round(1000 * queued, 1),
-                                 round(1000 * encoding, 1)] for ready, rows, queued, encoding in list(batch_log)]}
+                                 round(1000 * encoding, 1)] for ready, rows, queued, encoding in list(batch_log)],
+                    "gc": gc_pauses(start_at, start_at + elapsed)}
             levels[str(n)] = level
             print(f"  {tag} {n:>4} clients: { {k: v for k, v in level.items() if k != 'trace'} }", flush=True)
     finally:
         server.stop()
+        gc.unfreeze()
     return levels
 
 
@@ -403,8 +439,8 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
         encoder.after_baseline()  # FLUX.2: from diffusers' whole Mistral3 to the server's truncated decoder
     report["direct"] = direct_batches(encoder, args.direct_batches, flops, peak)
 
-    def served(label, clients, on=None):
-        levels = server_levels(on or encoder, clients, args.seconds, pool, processes, args, label)
+    def served(label, clients, on=None, frozen=False):
+        levels = server_levels(on or encoder, clients, args.seconds, pool, processes, args, label, frozen)
         for level in levels.values():
             level["mfu"] = round(level["prompts_per_s"] * flops / 1e12 / peak, 3)
             level["x_diffusers"] = round(level["prompts_per_s"] / base["prompts_per_s"], 2)
@@ -419,14 +455,15 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
         parts = variant.split("+") if variant else []
         # `unfused`: the child without the fused elementwise kernels (it reads the switch from its environment).
         with fused_kernels_off("unfused" in parts):
-            child = ProcessEncoder(json.dumps({"family": name, "tiny": args.tiny,
+            # `frozen`: both processes' heaps out of the garbage collector's sight once loaded (`gc.freeze`).
+            child = ProcessEncoder(json.dumps({"family": name, "tiny": args.tiny, "frozen": "frozen" in parts,
                                                "tokenizer_dir": str(tokenizer_dir)}),
                                    name=encoder.name, device=str(device), dtype=dtype,
                                    factory="encoder_throughput:process_encoder", cuda_graphs="graphs" in parts,
                                    compile="compile" in parts)
         label = "_".join(["process_worker", *parts])
         try:
-            report[label] = served(f"{name}-{label}", args.clients, on=child)
+            report[label] = served(f"{name}-{label}", args.clients, on=child, frozen="frozen" in parts)
         finally:
             child.close()
     if name == "flux1" and args.quantize:
@@ -525,12 +562,16 @@ def fused_kernels_off(off: bool):
 def process_encoder(source: str, *, device, dtype, cuda_graphs=False, compile=False, **_):
     """What a `--worker process` child builds for the benchmark: the same random-weight encoder, from the same seed
     (its blocks compiled and its forwards graphed as `--compile` and `--cuda-graphs` do, if asked)."""
+    log_gc_pauses()
     spec = json.loads(source)
     build = {"flux1": flux1_encoder, "flux2": flux2_encoder}[spec["family"]]
     encoder = build(torch.device(device), dtype, spec["tiny"], pathlib.Path(spec["tokenizer_dir"]))
     if hasattr(encoder, "after_baseline"):
         encoder.after_baseline()
     accelerate(encoder, "+".join(p for p, on in (("compile", compile), ("graphs", cuda_graphs)) if on))
+    if spec.get("frozen"):
+        gc.collect()
+        gc.freeze()
     return encoder
 
 
@@ -604,8 +645,12 @@ def main():
     parser.add_argument("--direct-batches", type=int, nargs="*", default=[1, 16, 32])
     parser.add_argument("--processes", type=int, default=8, help="client processes (threads share them)")
     parser.add_argument("--trace", action="store_true",
-                        help="keep every call's start and latency and every batch's size and times in the results")
+                        help="keep every call's start and latency, every batch's size and times, and the server's "
+                             "and its worker's garbage-collection pauses in the results")
     args = parser.parse_args()
+    if args.trace:
+        os.environ["PROMPTCAST_BENCH_GC_LOG"] = tempfile.mktemp(prefix="promptcast-gc-", suffix=".log")
+        log_gc_pauses()
     args.seconds = args.seconds or (1.5 if args.tiny else 5.0)
     args.process_worker = [] if args.process_worker is None else args.process_worker or ["", "graphs"]
     args.process_worker = ["" if v == "eager" else v for v in args.process_worker]
