@@ -446,7 +446,9 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
             level["x_diffusers"] = round(level["prompts_per_s"] / base["prompts_per_s"], 2)
         return levels
 
-    report["server"] = served(name, args.clients)
+    thread_clients = args.clients if args.thread_clients is None else args.thread_clients
+    if thread_clients:
+        report["server"] = served(name, thread_clients)
     # The same encoder built again in a child process (`--worker process`): eager, and replaying CUDA graphs (the
     # server's default on CUDA) when the graphs set-up is measured too.
     for variant in args.process_worker if device.type == "cuda" else [v for v in args.process_worker if not v]:
@@ -595,7 +597,7 @@ def table(report: dict) -> str:
             f"batch {n} {d['prompts_per_s']:.1f} prompts/s ({d['mfu']:.0%} MFU)" for n, d in res["direct"].items()))
         lines.append(f"{family:8} {'diffusers loop, b1':34} {b['prompts_per_s']:>10.2f} {b['p50_ms']:>8.1f} "
                      f"{b['p99_ms']:>8.1f} {b['mfu']:>6.1%} {'1.00x':>12} {1:>6}")
-        rows = [(f"server (eager), {n} clients", lvl) for n, lvl in res["server"].items()]
+        rows = [(f"server (eager), {n} clients", lvl) for n, lvl in res.get("server", {}).items()]
         for label, levels in res.items():
             if label.startswith("process_worker"):
                 setup = "+".join(label.split("_")[2:]) or "eager"
@@ -644,6 +646,9 @@ def main():
     parser.add_argument("--fidelity-prompts", type=int, default=16)
     parser.add_argument("--direct-batches", type=int, nargs="*", default=[1, 16, 32])
     parser.add_argument("--processes", type=int, default=8, help="client processes (threads share them)")
+    parser.add_argument("--thread-clients", type=int, nargs="*", default=None,
+                        help="client counts for the server with its model on a thread (default: --clients; none: "
+                             "only the --process-worker variants)")
     parser.add_argument("--trace", action="store_true",
                         help="keep every call's start and latency, every batch's size and times, and the server's "
                              "and its worker's garbage-collection pauses in the results")
