@@ -58,7 +58,7 @@ class _Worker:
         self.encoder, self.conn = encoder, conn
         self.cuda = encoder.device.type == "cuda"
         self.send_lock = threading.Lock()
-        self.free: dict[int, list[shared_memory.SharedMemory]] = {}  # by size class
+        self.free: list[shared_memory.SharedMemory] = []
         self.used: dict[str, shared_memory.SharedMemory] = {}
         self.pinned: list[int] = []  # addresses registered with CUDA, unregistered before the segments are unmapped
         self.pool_lock = threading.Lock()
@@ -88,7 +88,7 @@ class _Worker:
             finisher.join(30)
             for pointer in self.pinned:
                 torch.cuda.cudart().cudaHostUnregister(pointer)
-            for segment in [*self.used.values(), *(s for pool in self.free.values() for s in pool)]:
+            for segment in [*self.used.values(), *self.free]:
                 segment.close()
                 segment.unlink()
 
@@ -149,27 +149,42 @@ class _Worker:
                 self.send(("failed", request, f"{type(e).__name__}: {e}"))
 
     def take(self, size: int) -> shared_memory.SharedMemory:
-        """A segment of at least `size` bytes: a free one of its size class (powers of two from 1 MiB), or a new
-        one, pinned on CUDA."""
-        size_class = max(1 << 20, 1 << (max(size, 1) - 1).bit_length())
+        """The smallest free segment of at least `size` bytes; else a new one of its size class (powers of two from
+        1 MiB), pinned on CUDA, and a spare of that class beside it. Allocating and pinning a segment holds this
+        thread for tens of milliseconds, a stall for every client of the batches in flight: warm-up encodes one
+        batch at a time, and the spare is what a batch launched behind another of its size takes under load."""
         with self.pool_lock:
-            pool = self.free.setdefault(size_class, [])
-            segment = pool.pop() if pool else None
+            fitting = [segment for segment in self.free if segment.size >= size]
+            segment = min(fitting, key=lambda s: s.size) if fitting else None
+            if segment is not None:
+                self.free.remove(segment)
         if segment is None:
-            segment = _allocated_segment(size_class)
-            if self.cuda:
-                pointer = torch.frombuffer(segment.buf, dtype=torch.uint8).data_ptr()
-                torch.cuda.cudart().cudaHostRegister(pointer, size_class, 0)
-                self.pinned.append(pointer)
+            size_class = max(1 << 20, 1 << (max(size, 1) - 1).bit_length())
+            segment = self.pinned_segment(size_class)
+            try:
+                spare = self.pinned_segment(size_class)
+            except SharedMemoryFull as e:  # this batch still runs; one launched behind it may not
+                logger.warning("no spare shared memory beside this batch's: %s", e)
+            else:
+                with self.pool_lock:
+                    self.free.append(spare)
         with self.pool_lock:
             self.used[segment.name] = segment
+        return segment
+
+    def pinned_segment(self, size: int) -> shared_memory.SharedMemory:
+        segment = _allocated_segment(size)
+        if self.cuda:
+            pointer = torch.frombuffer(segment.buf, dtype=torch.uint8).data_ptr()
+            torch.cuda.cudart().cudaHostRegister(pointer, size, 0)
+            self.pinned.append(pointer)
         return segment
 
     def give_back(self, name: str) -> None:
         with self.pool_lock:
             segment = self.used.pop(name, None)
             if segment is not None:
-                self.free.setdefault(segment.size, []).append(segment)
+                self.free.append(segment)
 
 
 class SharedMemoryFull(OSError):

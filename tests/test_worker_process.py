@@ -153,3 +153,37 @@ def test_a_dev_shm_too_small_for_a_batch_is_an_error_that_says_what_to_do(monkey
         worker_child._allocated_segment(128 << 20)
     assert raised.value.errno == errno.ENOSPC
     assert not os.path.exists(f"/dev/shm/{made[0].name.lstrip('/')}")
+
+
+def test_a_batch_launched_behind_another_of_its_size_takes_a_spare_segment_not_a_new_one(monkeypatch):
+    """Allocating and pinning a batch's shared memory stalls every batch in flight: warm-up, one batch at a time,
+    leaves a spare beside each segment it makes, so the pipeline's second batch under load allocates nothing; a
+    smaller batch takes the smallest free segment it fits, whatever its size class."""
+    import types
+
+    from encoder_server import worker_child
+
+    made = []
+    allocate = worker_child._allocated_segment
+    monkeypatch.setattr(worker_child, "_allocated_segment", lambda size: made.append(size) or allocate(size))
+    worker = worker_child._Worker(types.SimpleNamespace(device=torch.device("cpu")), conn=None)
+    try:
+        warm = worker.take(5 << 20)  # warm-up's batch: an 8 MiB segment and its spare
+        assert made == [8 << 20, 8 << 20]
+        worker.give_back(warm.name)
+        pool = {segment.name for segment in worker.free}
+        assert len(pool) == 2 and warm.name in pool
+        first, second = worker.take(5 << 20), worker.take(6 << 20)  # two in flight under load
+        assert {first.name, second.name} == pool and made == [8 << 20, 8 << 20] and not worker.free
+        worker.give_back(first.name)
+        worker.give_back(second.name)
+        larger = worker.take(20 << 20)
+        assert made[2:] == [32 << 20, 32 << 20]
+        small = worker.take(1 << 20)  # an 8 MiB one is free: no new 1 MiB segment
+        assert small.size == 8 << 20 and len(made) == 4
+        worker.give_back(larger.name)
+        worker.give_back(small.name)
+    finally:
+        for segment in [*worker.used.values(), *worker.free]:
+            segment.close()
+            segment.unlink()
