@@ -654,7 +654,8 @@ def main():
                              "and its worker's garbage-collection pauses in the results")
     args = parser.parse_args()
     if args.trace:
-        os.environ["PROMPTCAST_BENCH_GC_LOG"] = tempfile.mktemp(prefix="promptcast-gc-", suffix=".log")
+        fd, os.environ["PROMPTCAST_BENCH_GC_LOG"] = tempfile.mkstemp(prefix="promptcast-gc-", suffix=".log")
+        os.close(fd)
         log_gc_pauses()
     args.seconds = args.seconds or (1.5 if args.tiny else 5.0)
     args.process_worker = [] if args.process_worker is None else args.process_worker or ["", "graphs"]
