@@ -226,15 +226,14 @@ def log_gc_pauses() -> None:
     path = os.environ.get("PROMPTCAST_BENCH_GC_LOG")
     if not path:
         return
-    began = {}
+    began = [0.0]
 
     def timed(phase, info):
         if phase == "start":
-            began["t"] = time.perf_counter()
-        elif time.perf_counter() - began.get("t", time.perf_counter()) >= 0.001:
+            began[0] = time.perf_counter()
+        elif (seconds := time.perf_counter() - began[0]) >= 0.001:
             with open(path, "a") as f:
-                f.write(f"{os.getpid()} {time.time():.4f} {info['generation']} "
-                        f"{time.perf_counter() - began['t']:.4f}\n")
+                f.write(f"{os.getpid()} {time.time():.4f} {info['generation']} {seconds:.4f}\n")
 
     gc.callbacks.append(timed)
 
@@ -268,12 +267,12 @@ def client_process(job) -> tuple[list[tuple[float, float, str]], float]:
     stop_at = time.time() + seconds
 
     def loop(t):
-        i = 0
+        i, name = 0, f"{tag}-{t}"
         while time.time() < stop_at:
             began, begin = time.time(), time.perf_counter()
-            client.encode(prompt(i, f"{tag}-{t}"))
+            client.encode(prompt(i, name))
             with lock:
-                latencies.append((began, time.perf_counter() - begin, f"{tag}-{t}"))
+                latencies.append((began, time.perf_counter() - begin, name))
             i += 1
 
     workers = [threading.Thread(target=loop, args=(t,)) for t in range(threads)]

@@ -203,5 +203,5 @@ def _rows(output, bucket: int, rows: int):
                     output)
 
 
-__all__ = ["accelerate_module", "default_cuda_graphs", "compile_repeated_blocks", "repeated_blocks", "is_compiled", "attention_report",
-           "warm_up_batch_sizes", "enable_cuda_graphs", "CUDAGraphForward", "GRAPH_BUCKETS", "graph_bucket"]
+__all__ = ["accelerate_module", "default_cuda_graphs", "compile_repeated_blocks", "repeated_blocks", "is_compiled",
+           "attention_report", "warm_up_batch_sizes", "enable_cuda_graphs", "CUDAGraphForward", "GRAPH_BUCKETS", "graph_bucket"]
