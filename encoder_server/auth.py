@@ -1,28 +1,19 @@
 """Bearer-token authentication for the encoder server (`--token-file`).
 
-Every RPC except health checks and reflection must carry `authorization: Bearer <token>`, where
-the token is one line of the token file; the HTTP gateway asks the same of its `Authorization`
-header (`refusal`). Probes (kubelet, load balancers, `grpc_health_probe`) cannot send tokens, so
+Every promptcast RPC must carry `authorization: Bearer <token>`, where the token is one line of
+the token file (the server's `CallScope` asks `refusal`); the HTTP gateway asks the same of its
+`Authorization` header. Probes (kubelet, load balancers, `grpc_health_probe`) cannot send tokens, so
 health, reflection and HTTP `/healthz` stay open; they reveal nothing but the status and the
 service names. The file is re-read on SIGHUP, so tokens rotate without a restart.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 from pathlib import Path
 
-import grpc
-from grpc import aio
-
-from encoder_server.interceptors import abort, wrap_handler
-
 logger = logging.getLogger(__name__)
-
-# Reachable without a token so that probes work.
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def read_tokens(path: str | Path) -> list[bytes]:
@@ -31,8 +22,8 @@ def read_tokens(path: str | Path) -> list[bytes]:
     return [line.strip().encode() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
-class TokenAuthInterceptor(aio.ServerInterceptor):
-    """Answers `UNAUTHENTICATED` to calls whose bearer token is missing or not in the token file.
+class TokenAuth:
+    """The tokens of a token file, and whether a call's bearer token is one of them (`refusal`).
 
     Args:
         token_file: path of the token file. It must hold at least one token at start-up.
@@ -80,24 +71,3 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
         if not self.accepts(token.strip().encode()):
             return "the token was not accepted by this server (check --token / $PROMPTCAST_TOKEN)"
         return None
-
-    def _check(self, metadata) -> str | None:
-        values = [value for key, value in (metadata or ()) if key == "authorization"]
-        return self.refusal(values[0] if values else None)
-
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(OPEN_METHOD_PREFIXES):
-            return await continuation(handler_call_details)
-        reason = self._check(handler_call_details.invocation_metadata)
-        handler = await continuation(handler_call_details)
-        if reason is None or handler is None:
-            return handler
-        logger.warning("refused %s: %s", method, reason)
-
-        @contextlib.asynccontextmanager
-        async def refused(request, context):
-            await abort(context, grpc.StatusCode.UNAUTHENTICATED, reason)  # raises: the handler never runs
-            yield None  # pragma: no cover
-
-        return wrap_handler(handler, refused)

@@ -1,4 +1,4 @@
-"""Domain errors. Handlers raise these; `ErrorMappingInterceptor` turns them into gRPC statuses and the HTTP gateway
+"""Domain errors. Handlers raise these; the server's `CallScope` turns them into gRPC statuses and the HTTP gateway
 into HTTP statuses: each class carries both, so the two transports answer every fault alike."""
 
 import grpc

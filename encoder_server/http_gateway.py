@@ -87,7 +87,7 @@ class HttpGateway:
             `HTTP/v1/encode`); health checks are not.
         host (`str`), port (`int`): where to listen; port 0 picks a free one. Bound at once (`self.port`).
         serving (`Callable[[], bool]`): whether health is SERVING now.
-        auth (`TokenAuthInterceptor`, *optional*): when given, every route but `/healthz` needs
+        auth (`TokenAuth`, *optional*): when given, every route but `/healthz` needs
             `Authorization: Bearer <token>`.
         tls_cert (`str`), tls_key (`str`), tls_client_ca (`str`), *optional*: serve HTTPS (and require client
             certificates signed by `tls_client_ca`), from the gRPC server's PEM files.

@@ -32,12 +32,9 @@ import re
 import time
 import uuid
 
-import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
-
-from encoder_server.interceptors import PROMPTCAST_METHODS, wrap_handler
 
 logger = logging.getLogger("promptcast.requests")
 
@@ -107,11 +104,14 @@ class ServerMetrics:
 
     @contextlib.contextmanager
     def call(self, method: str, rid: str, requested_model: str = "", prompts: int = 0, peer: str = "",
-             encodes: bool | None = None):
-        """Record one call of any transport: its code (set `record.code`, else OK, CANCELLED or UNKNOWN from how
-        the block ends), time, bytes, cache results and log line. The domain's `observe_cache` reaches the record
-        of the call it runs in. A call that `encodes` (default: gRPC's `Encode`) gets a model label, byte counts and
-        the request log line."""
+             encodes: bool | None = None, code=None):
+        """Record one call of any transport: its code (set `record.code`, else what `code()` says once the block
+        ends, as an abort's code; else OK, CANCELLED or UNKNOWN from how the block ends), time, bytes, cache results
+        and log line. The domain's `observe_cache` reaches the record of the call it runs in. A call that `encodes`
+        (default: gRPC's `Encode`) gets a model label, byte counts and the request log line.
+
+        On an event loop the call is counted and logged at the loop's next turn: once a gRPC handler has returned,
+        its status goes out first, and the call's latency does not include its log line."""
         record = CallRecord(self, method, rid, requested_model, prompts, peer,
                             method == "Encode" if encodes is None else encodes)
         token = _CURRENT_CALL.set(record)
@@ -131,8 +131,17 @@ class ServerMetrics:
                 _CURRENT_CALL.reset(token)
             except ValueError:  # a stream closed from another context: the value dies with that context anyway
                 pass
-            record.finish()
-            self.in_flight.dec()  # last: in-flight 0 means every finished call is fully counted and logged
+            if record.code is None and code is not None:
+                record.code = code()
+            record.ended = time.perf_counter()
+            try:
+                asyncio.get_running_loop().call_soon(self._finished, record)
+            except RuntimeError:  # no loop: now
+                self._finished(record)
+
+    def _finished(self, record: "CallRecord") -> None:
+        record.finish()
+        self.in_flight.dec()  # last: in-flight 0 means every finished call is fully counted and logged
 
     def model_label(self, requested: str) -> str:
         # Only hosted names become label values: a client must not be able to grow the series set.
@@ -238,43 +247,6 @@ def _loggable(text: str) -> str:
     return text if _TOKEN.fullmatch(text) else repr(text[:64])
 
 
-def _code_name(context) -> str:
-    code = context.code()
-    if code is None:
-        return "OK"
-    return code.name if isinstance(code, grpc.StatusCode) else str(code)
-
-
-class MetricsInterceptor(aio.ServerInterceptor):
-    """Counts, times and logs every `promptcast.*` call. Installed outermost, so calls refused by
-    the token check are counted (as UNAUTHENTICATED) too."""
-
-    def __init__(self, metrics: ServerMetrics):
-        self.metrics = metrics
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        full_method = handler_call_details.method
-        if handler is None or not full_method.startswith(PROMPTCAST_METHODS):
-            return handler
-        method = full_method.rsplit("/", 1)[-1]
-        rid = request_id(handler_call_details.invocation_metadata)
-        metrics = self.metrics
-
-        @contextlib.asynccontextmanager
-        async def recorded(request, context):
-            context.set_trailing_metadata((("x-request-id", rid),))
-            with metrics.call(method, rid, getattr(request, "model", ""), len(getattr(request, "prompts", ())),
-                              context.peer()) as call:
-                try:
-                    yield call
-                finally:
-                    if call.code is None:
-                        call.code = _code_name(context)  # an abort carries its own code
-
-        return wrap_handler(handler, recorded)
-
-
 class CallRecord:
     """What one call did, turned into series and one log line when it ends. The domain adds its cache results
     (`ServerMetrics.observe_cache`); the transport adds the bytes it sends (`sent`)."""
@@ -286,6 +258,7 @@ class CallRecord:
         self.cache: dict[str, int] = {}
         self.code: str | None = None
         self.started = time.perf_counter()
+        self.ended: float | None = None
         self.describe(requested_model, prompts)
 
     def describe(self, requested_model: str, prompts: int) -> None:
@@ -302,7 +275,7 @@ class CallRecord:
             self.streamed.inc(size)  # as it goes: a long stream shows up before it ends
 
     def finish(self) -> None:
-        m, seconds = self.metrics, time.perf_counter() - self.started
+        m, seconds = self.metrics, (self.ended or time.perf_counter()) - self.started
         code = self.code or "OK"
         m.requests.labels(self.method, self.model, code).inc()
         m.request_seconds.labels(self.method).observe(seconds)

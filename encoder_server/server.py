@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha import reflection
 
 from encoder_server.cache import build_cache, default_memory_bytes
 from encoder_server.families import get_encoder
-from encoder_server.interceptors import CallCounter, ClientGoneFilter, ErrorMappingInterceptor
-from encoder_server.metrics import MetricsInterceptor, ServerMetrics
+from encoder_server.interceptors import CallScope, ClientGoneFilter
+from encoder_server.metrics import ServerMetrics
 from encoder_server.service import EmbeddingService, Limits
 from encoder_server.worker_process import default_worker
 from encoder_server.servicer import SERVICE_NAME, TextEncoderServicer, add_to_server
@@ -110,9 +110,9 @@ class EncoderServer:
         self.metrics.bind(self.service)
         self.auth = None
         if config.token_file:
-            from encoder_server.auth import TokenAuthInterceptor
+            from encoder_server.auth import TokenAuth
 
-            self.auth = TokenAuthInterceptor(config.token_file)
+            self.auth = TokenAuth(config.token_file)
         if credentials is None and config.tls_cert:
             from encoder_server.tls import server_credentials
 
@@ -120,12 +120,10 @@ class EncoderServer:
         if self.auth is not None and credentials is None:
             logger.warning("--token-file without TLS: tokens cross the network in the clear (add --tls-cert/--tls-key)")
         self.health = health.aio.HealthServicer()
-        # Metrics outermost (refused calls are counted too), then the token check, then error mapping.
-        self.calls = CallCounter()
+        # Counting, metrics (refused calls too), the token check and error mapping, around any other interceptor.
+        self.calls = CallScope(self.metrics, self.auth)
         ClientGoneFilter.install()
-        chain = [self.calls, MetricsInterceptor(self.metrics), *([self.auth] if self.auth else []), *interceptors,
-                 ErrorMappingInterceptor()]
-        self.server = aio.server(interceptors=chain, options=SERVER_OPTIONS)
+        self.server = aio.server(interceptors=[self.calls, *interceptors], options=SERVER_OPTIONS)
         self.servicer = TextEncoderServicer(self.service)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

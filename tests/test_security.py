@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli, wait_for
 from denoiser_client import RemoteTextEncoder
 from denoiser_client import errors
-from encoder_server.auth import TokenAuthInterceptor
+from encoder_server.auth import TokenAuth
 from encoder_server.server import SERVICE_NAME, BackgroundServer, ModelSpec, ServerConfig, health_status
 from shared.promptcast.v1 import encoder_pb2 as pb
 from shared.promptcast.v1 import encoder_pb2_grpc as pb_grpc
@@ -193,7 +193,7 @@ def test_mtls_without_or_with_foreign_client_certificate_fails(mtls_server, pki,
 def test_tokens_compared_in_constant_time_against_every_token(pki, monkeypatch):
     import hmac
 
-    auth = TokenAuthInterceptor(pki / "tokens")
+    auth = TokenAuth(pki / "tokens")
     calls = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
@@ -205,7 +205,7 @@ def test_tokens_compared_in_constant_time_against_every_token(pki, monkeypatch):
 def test_empty_token_file_is_refused_at_start(tmp_path):
     (tmp_path / "tokens").write_text("# nothing yet\n\n")
     with pytest.raises(ValueError, match="holds no token"):
-        TokenAuthInterceptor(tmp_path / "tokens")
+        TokenAuth(tmp_path / "tokens")
 
 
 def test_cli_prints_one_line_for_tls_and_auth_failures(tls_server, pki):
