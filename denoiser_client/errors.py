@@ -78,3 +78,18 @@ def from_rpc_error(error: grpc.RpcError, target: str) -> PromptcastError:
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = f"encoder server {target} did not answer within the deadline: {details}"
     return _BY_CODE.get(code, PromptcastError)(details, code)
+
+
+def unavailable_hint(detail: str, tls: bool) -> str:
+    """What to check when no server answered, from the last error's details."""
+    lowered = detail.lower()
+    if any(s in lowered for s in ("ssl", "tls", "handshake", "certificate")):
+        return ("the TLS handshake failed: pass --tls-ca with the CA that signed the server's certificate "
+                "(and --tls-cert/--tls-key if it requires client certificates)")
+    if "unhealthy" in lowered:  # client-side health checks: the server answers NOT_SERVING
+        return ("the server is up but not serving: still loading its models, draining, or its device is stuck "
+                "(--gpu-timeout); retry shortly or add replicas")
+    if tls:  # a server requiring client certificates just closes the socket on a client without one
+        return ("is `promptcast serve` running there, and if it requires client certificates (mTLS), did you "
+                "pass --tls-cert/--tls-key signed by its --tls-client-ca?")
+    return "is `promptcast serve` running there (and, if it serves TLS, did you pass --tls-ca)?"

@@ -16,7 +16,7 @@ import grpc.experimental
 import torch
 
 from denoiser_client import errors
-from shared import shared_memory as same_host
+from shared import published_memory as published, shared_memory as same_host
 from shared.collate import STACK, Layout, batch_of, collate
 from shared.promptcast.v1 import encoder_pb2 as pb, encoder_pb2_grpc as pb_grpc
 from shared.tensor_codec import CACHE_STATUS_NAMES, COLLATE_NAMES, DTYPES, EmbeddingAssembler, decode_response
@@ -347,7 +347,7 @@ class RemoteTextEncoder:
     def _call(self, fn):
         """Run `fn(stub)`, moving to the next target on UNAVAILABLE (a dead or draining replica, a cut
         stream), with exponential backoff after each round over all targets."""
-        last: grpc.RpcError | None = None
+        last: grpc.RpcError | published.SlabGone | None = None
         attempts = self.retries * len(self._stubs)
         for attempt in range(attempts):
             index = (self._next + attempt) % len(self._stubs)
@@ -361,12 +361,16 @@ class RemoteTextEncoder:
                 last = e
             except _WirePayloadError as e:
                 raise errors.PayloadError(f"bad embedding stream from {self.targets[index]}: {e}") from None
+            except published.SlabGone as e:  # unlinked by the server before this client read it: asked again
+                last = e
+                continue
             if (attempt + 1) % len(self._stubs) == 0 and attempt + 1 < attempts:  # a round failed: back off
                 time.sleep(self.backoff * 2 ** (attempt // len(self._stubs)) * (0.5 + random.random()))
-        detail = (last.details() or last.code().name) if last else "none"
+        detail = str(last) if isinstance(last, published.SlabGone) else (last.details() or last.code().name) if last \
+            else "none"
         raise errors.ServerUnavailable(
             f"no encoder server answered at {self.target} after {self.retries} rounds of retries "
-            f"(last error: {detail}); {_unavailable_hint(detail, self._tls)}", grpc.StatusCode.UNAVAILABLE) from None
+            f"(last error: {detail}); {errors.unavailable_hint(detail, self._tls)}", grpc.StatusCode.UNAVAILABLE) from None
 
 
 def _retriable(error: grpc.RpcError) -> bool:
@@ -375,20 +379,6 @@ def _retriable(error: grpc.RpcError) -> bool:
         return True
     details = (error.details() or "").lower()
     return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(s in details for s in _CUT_STREAM)
-
-
-def _unavailable_hint(detail: str, tls: bool) -> str:
-    lowered = detail.lower()
-    if any(s in lowered for s in ("ssl", "tls", "handshake", "certificate")):
-        return ("the TLS handshake failed: pass --tls-ca with the CA that signed the server's certificate "
-                "(and --tls-cert/--tls-key if it requires client certificates)")
-    if "unhealthy" in lowered:  # client-side health checks: the server answers NOT_SERVING
-        return ("the server is up but not serving: still loading its models, draining, or its device is stuck "
-                "(--gpu-timeout); retry shortly or add replicas")
-    if tls:  # a server requiring client certificates just closes the socket on a client without one
-        return ("is `promptcast serve` running there, and if it requires client certificates (mTLS), did you "
-                "pass --tls-cert/--tls-key signed by its --tls-client-ca?")
-    return "is `promptcast serve` running there (and, if it serves TLS, did you pass --tls-ca)?"
 
 
 def _split_targets(target: str) -> list[str]:

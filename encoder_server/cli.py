@@ -36,6 +36,8 @@ def serve(
                               ] = "20GiB",
     cache_redis: Annotated[Optional[str], typer.Option(help="redis://host:port/db: a cache shared by every replica "
                                                        "(off by default).")] = None,
+    cache_shm: Annotated[str, typer.Option(help="Memory hits published in /dev/shm for clients on this host, which "
+                                           "read them in place, with no copy; 0 to disable.")] = "512MiB",
     tls_cert: Annotated[Optional[Path], typer.Option(help="Server certificate chain (PEM): serve TLS.")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="Private key (PEM) of --tls-cert.")] = None,
     tls_client_ca: Annotated[Optional[Path], typer.Option(help="CA (PEM) that signs client certificates: "
@@ -96,7 +98,7 @@ def serve(
                                ("--max-wait-ms", max_wait_ms, 0), ("--grace", grace, 0), ("--gpu-timeout", gpu_timeout, 0)):
         if value < least:
             raise ValueError(f"{flag} {value} must be at least {least}")
-    for flag, value in (("--cache-mem", cache_mem), ("--cache-disk-max", cache_disk_max)):
+    for flag, value in (("--cache-mem", cache_mem), ("--cache-disk-max", cache_disk_max), ("--cache-shm", cache_shm)):
         if value != "auto":
             try:
                 parse_bytes(value)
@@ -127,7 +129,7 @@ def serve(
         dtype=dtype, grace=grace, limits=Limits(max_prompts_per_call, max_prompt_chars),
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
         cache_mem=default_memory_bytes() if cache_mem == "auto" else parse_bytes(cache_mem), cache_dir=cache_dir,
-        cache_disk_max=parse_bytes(cache_disk_max), cache_redis=cache_redis)
+        cache_disk_max=parse_bytes(cache_disk_max), cache_redis=cache_redis, cache_shm=parse_bytes(cache_shm))
     text = lambda path: None if path is None else str(path)  # noqa: E731
     config = replace(config, tls_cert=text(tls_cert), tls_key=text(tls_key), tls_client_ca=text(tls_client_ca),
                      token_file=text(token_file), metrics_port=metrics_port, health_port=health_port,

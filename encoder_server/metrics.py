@@ -11,7 +11,7 @@ Series (all prefixed `promptcast_`):
 | `batch_size` | histogram (prompts per forward pass) | |
 | `encode_seconds` | histogram (forward pass of a batch) | |
 | `streamed_bytes_total` | counter (response bytes) | model |
-| `shared_memory_bytes_total` | counter (embedding bytes written into a same-host client's shared memory) | model |
+| `shared_memory_bytes_total` | counter (embedding bytes a same-host client read from shared memory) | model |
 | `cache_hits_total`, `cache_misses_total` | counters (per prompt sent) | tier (hits) |
 | `queue_depth` | gauge, at scrape | model |
 | `serving` | gauge: 1 when health is SERVING | |
@@ -63,9 +63,9 @@ class ServerMetrics:
                                         buckets=_SECONDS, registry=r)
         self.streamed_bytes = Counter("promptcast_streamed_bytes", "Encode response bytes sent.", ["model"],
                                       registry=r)
-        self.shared_memory_bytes = Counter("promptcast_shared_memory_bytes", "Embedding bytes written into a "
-                                           "same-host client's shared memory instead of streamed.", ["model"],
-                                           registry=r)
+        self.shared_memory_bytes = Counter("promptcast_shared_memory_bytes", "Embedding bytes a same-host client "
+                                           "read from shared memory (its own, or the server's published entries) "
+                                           "instead of the stream.", ["model"], registry=r)
         self.cache_hits = Counter("promptcast_cache_hits", "Prompts answered from a cache tier.", ["tier"],
                                   registry=r)
         self.cache_misses = Counter("promptcast_cache_misses", "Prompts that needed an encode.", registry=r)
@@ -85,7 +85,8 @@ class ServerMetrics:
         self.encode_seconds.observe(encode_seconds)
 
     def observe_shared_memory(self, nbytes: int) -> None:
-        """Called by the servicer for each prompt whose bytes it wrote into the client's shared memory."""
+        """Called by the servicer for each prompt whose bytes a client reads from shared memory instead of the
+        stream: written into its arena, or published in the server's."""
         call = _CURRENT_CALL.get()
         if call is not None and call.encodes:
             call.bytes += nbytes

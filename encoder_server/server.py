@@ -75,6 +75,7 @@ class ServerConfig:
     cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))  # None or "none" disables
     cache_disk_max: int = 20 << 30
     cache_redis: str | None = None  # redis://host:port/db, shared by every replica
+    cache_shm: int = 512 << 20  # memory hits published in /dev/shm for same-host clients; 0 = off
     # Production operation (TLS, tokens, metrics, health port, GPU watchdog); None/0 = off.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -124,7 +125,7 @@ class EncoderServer:
         self.calls = CallScope(self.metrics, self.auth)
         ClientGoneFilter.install()
         self.server = aio.server(interceptors=[self.calls, *interceptors], options=SERVER_OPTIONS)
-        self.servicer = TextEncoderServicer(self.service)
+        self.servicer = TextEncoderServicer(self.service, config.cache_shm)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],

@@ -195,6 +195,7 @@ class ArenaPool:
         request.ClearField("shared_memory")  # a retry's request may name the failed attempt's arena
         if arena is not None:
             request.shared_memory.CopyFrom(arena.target())
+            request.shared_memory.reads_published = True  # this client reads the server's slabs too
         return arena
 
     def may_lend(self) -> bool:

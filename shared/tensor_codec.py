@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared import published_memory as published
 from shared.parallel_copy import copy_many, crc32
 from shared.promptcast.v1 import encoder_pb2 as pb
 
@@ -145,13 +146,15 @@ def pack_embedding(index: int, key: str, status: int, tensors: dict[str, torch.T
 
 
 def embedding_header(index: int, key: str, status: int, packed: PackedEmbedding, server_seconds: float = 0.0,
-                     variable: Collection[str] = (), shared_memory_offset: int | None = None) -> bytes:
-    """One prompt's serialized header; with `shared_memory_offset`, it says the bytes are in the request's shared
-    memory from there (and no chunks follow)."""
+                     variable: Collection[str] = (), shared_memory_offset: int | None = None,
+                     shared_memory_name: str = "") -> bytes:
+    """One prompt's serialized header; with `shared_memory_offset`, it says the bytes are in shared memory from there
+    (and no chunks follow): the request's, or the server's object `shared_memory_name`."""
     header = pb.EmbeddingHeader(index=index, cache_key=key, cache_status=status, tensors=packed.tensor_specs(variable),
                                 server_seconds=server_seconds)
     if shared_memory_offset is not None:
         header.in_shared_memory.offset = shared_memory_offset
+        header.in_shared_memory.name = shared_memory_name
     return pb.EncodeResponse(header=header).SerializeToString()
 
 
@@ -273,23 +276,32 @@ class EmbeddingAssembler:
         total = sum(spec.byte_length for spec in header.tensors)
         self.largest_prompt = max(self.largest_prompt, total)
         if header.HasField("in_shared_memory"):
-            self._read_shared(header.in_shared_memory.offset, total)
+            self._read_shared(header.in_shared_memory, total)
 
     def _lent(self, header: pb.EmbeddingHeader, dtypes: dict[str, torch.dtype]) -> bool:
-        """The one prompt's tensors over its bytes in the arena; False (copy them instead) if the arena is much larger
-        than they are (a small answer must not hold a large arena), or one would start off its dtype's alignment."""
-        offset, total = header.in_shared_memory.offset, sum(spec.byte_length for spec in header.tensors)
-        starts = list(accumulate((spec.byte_length for spec in header.tensors[:-1]), initial=offset))
-        if self.shared.size > 2 * total + LEND_SLACK or any(
-                start % dtypes[spec.name].itemsize for spec, start in zip(header.tensors, starts)):
+        """The one prompt's tensors over its bytes in shared memory, no copy; False (copy them instead) if they are in
+        an arena much larger than they are (a small answer must not hold a large arena), in a server's slab under
+        tensors lent before and still alive (they would share their bytes), or one would start off its dtype's
+        alignment."""
+        where, total = header.in_shared_memory, sum(spec.byte_length for spec in header.tensors)
+        starts = list(accumulate((spec.byte_length for spec in header.tensors[:-1]), initial=where.offset))
+        if any(start % dtypes[spec.name].itemsize for spec, start in zip(header.tensors, starts)):
             return False
-        for spec, start in zip(header.tensors, starts):
+        if not where.name and self.shared.size > 2 * total + LEND_SLACK:
+            return False
+        for fresh in (False, True):  # a slab's bytes that fail their check may be ones the caller wrote: map it anew
+            mapped = self._slab(where.name, where.offset, total, fresh) if where.name else None
+            if mapped is not None and published.SLABS.lent_at(mapped, where.offset):
+                return False
             try:
-                data = self.shared.lend(start, spec.byte_length)
-            except ValueError as e:
-                raise PayloadError(f"prompt {header.index}: {e}") from None
-            self._verify(spec, crc32(data), header.index)
-            tensor = torch.from_numpy(data).view(dtypes[spec.name])
+                tensors = {spec.name: self._lend(spec, dtypes[spec.name], start, mapped, header.index)
+                           for spec, start in zip(header.tensors, starts)}
+                break
+            except PayloadError:
+                if mapped is None or fresh:
+                    raise
+        for spec in header.tensors:
+            tensor = tensors[spec.name]
             self.tensors[spec.name] = ([tensor.reshape(tuple(spec.shape))] if spec.variable_length else
                                        tensor.reshape((1, *spec.shape)))
         self._first = {s.name: (s.dtype, tuple(s.shape), s.variable_length) for s in header.tensors}
@@ -298,23 +310,49 @@ class EmbeddingAssembler:
         self.shared_bytes += total
         return True
 
-    def _read_shared(self, offset: int, total: int) -> None:
-        """The prompt's bytes from the call's shared memory, checked as chunks are."""
+    def _lend(self, spec: pb.TensorSpec, dtype: torch.dtype, start: int, mapped, index: int) -> torch.Tensor:
+        try:
+            data = (published.SLABS.lend(mapped, start, spec.byte_length) if mapped is not None
+                    else self.shared.lend(start, spec.byte_length))
+        except ValueError as e:
+            raise PayloadError(f"prompt {index}: {e}") from None
+        self._verify(spec, crc32(data), index)
+        return torch.from_numpy(data).view(dtype)
+
+    def _slab(self, name: str, offset: int, length: int, fresh: bool = False):
+        """The server's slab `name`, mapped, checked to hold `length` bytes from `offset`."""
+        mapped = published.SLABS.mapping(name, fresh)
+        try:
+            published.check(mapped, name, offset, length)
+        except ValueError as e:
+            raise PayloadError(f"prompt {self._current.index if self._current else 0}: {e}") from None
+        return mapped
+
+    def _read_shared(self, where: pb.SharedMemorySlice, total: int) -> None:
+        """The prompt's bytes from shared memory (the call's arena, or a server's slab), checked as chunks are."""
         if self.shared is None:
             raise PayloadError(f"prompt {self._current.index}: the header points into shared memory, but this call "
                                "offered none")
-        try:
-            view = self.shared.view(offset, total)
-        except ValueError as e:
-            raise PayloadError(f"prompt {self._current.index}: {e}") from None
-        try:
-            start = 0
-            for spec, _ in self._targets:
-                if spec.byte_length:
-                    self._write(view[start:start + spec.byte_length])
-                    start += spec.byte_length
-        finally:
-            view.release()
+        for fresh in (False, True):
+            try:
+                view = (memoryview(self._slab(where.name, where.offset, total, fresh))[where.offset:where.offset + total]
+                        if where.name else self.shared.view(where.offset, total))
+            except ValueError as e:
+                raise PayloadError(f"prompt {self._current.index}: {e}") from None
+            try:
+                self._target, self._offset, self._crc = 0, 0, 0
+                self._skip_empty_targets()
+                start = 0
+                for spec, _ in self._targets:
+                    if spec.byte_length:
+                        self._write(view[start:start + spec.byte_length])
+                        start += spec.byte_length
+                break
+            except PayloadError:
+                if not where.name or fresh:  # a slab's bytes the caller may have written: read a fresh mapping
+                    raise
+            finally:
+                view.release()
         self.shared_bytes += total
 
     def _skip_empty_targets(self) -> None:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"shared/promptcast/v1/encoder.proto\x12\rpromptcast.v1\"\x13\n\x11ListModelsRequest\"\x9d\x01\n\nOutputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tper_token\x18\x04 \x01(\x08\x12\x14\n\x0c\x66ixed_tokens\x18\x05 \x01(\r\x12\'\n\x07\x63ollate\x18\x06 \x01(\x0e\x32\x16.promptcast.v1.Collate\x12\x11\n\tmask_name\x18\x07 \x01(\t\"\xde\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12*\n\x07outputs\x18\x05 \x03(\x0b\x32\x19.promptcast.v1.OutputSpec\x12#\n\x1b\x64\x65\x66\x61ult_max_sequence_length\x18\x06 \x01(\r\x12\x1f\n\x17max_max_sequence_length\x18\x07 \x01(\r\x12\x1c\n\x14max_prompts_per_call\x18\x08 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.promptcast.v1.ModelInfo\"\x99\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12\x11\n\tprompts_2\x18\x03 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\r\x12\x38\n\rshared_memory\x18\x05 \x01(\x0b\x32!.promptcast.v1.SharedMemoryTarget\"1\n\x12SharedMemoryTarget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"#\n\x11SharedMemorySlice\x12\x0e\n\x06offset\x18\x01 \x01(\x04\"x\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\x12\x17\n\x0fvariable_length\x18\x06 \x01(\x08\"\xe5\x01\n\x0f\x45mbeddingHeader\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tcache_key\x18\x02 \x01(\t\x12\x30\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x1a.promptcast.v1.CacheStatus\x12*\n\x07tensors\x18\x04 \x03(\x0b\x32\x19.promptcast.v1.TensorSpec\x12\x16\n\x0eserver_seconds\x18\x05 \x01(\x01\x12:\n\x10in_shared_memory\x18\x06 \x01(\x0b\x32 .promptcast.v1.SharedMemorySlice\"^\n\x0e\x45ncodeResponse\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.promptcast.v1.EmbeddingHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*?\n\x07\x43ollate\x12\x11\n\rCOLLATE_STACK\x10\x00\x12\x0f\n\x0b\x43OLLATE_PAD\x10\x01\x12\x10\n\x0c\x43OLLATE_LIST\x10\x02*\x8a\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x17\n\x13\x43\x41\x43HE_STATUS_MEMORY\x10\x02\x12\x15\n\x11\x43\x41\x43HE_STATUS_DISK\x10\x03\x12\x16\n\x12\x43\x41\x43HE_STATUS_REDIS\x10\x04\x32\xa9\x01\n\x0bTextEncoder\x12Q\n\nListModels\x12 .promptcast.v1.ListModelsRequest\x1a!.promptcast.v1.ListModelsResponse\x12G\n\x06\x45ncode\x12\x1c.promptcast.v1.EncodeRequest\x1a\x1d.promptcast.v1.EncodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"shared/promptcast/v1/encoder.proto\x12\rpromptcast.v1\"\x13\n\x11ListModelsRequest\"\x9d\x01\n\nOutputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x11\n\tper_token\x18\x04 \x01(\x08\x12\x14\n\x0c\x66ixed_tokens\x18\x05 \x01(\r\x12\'\n\x07\x63ollate\x18\x06 \x01(\x0e\x32\x16.promptcast.v1.Collate\x12\x11\n\tmask_name\x18\x07 \x01(\t\"\xde\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12*\n\x07outputs\x18\x05 \x03(\x0b\x32\x19.promptcast.v1.OutputSpec\x12#\n\x1b\x64\x65\x66\x61ult_max_sequence_length\x18\x06 \x01(\r\x12\x1f\n\x17max_max_sequence_length\x18\x07 \x01(\r\x12\x1c\n\x14max_prompts_per_call\x18\x08 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.promptcast.v1.ModelInfo\"\x99\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12\x11\n\tprompts_2\x18\x03 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\r\x12\x38\n\rshared_memory\x18\x05 \x01(\x0b\x32!.promptcast.v1.SharedMemoryTarget\"J\n\x12SharedMemoryTarget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x17\n\x0freads_published\x18\x03 \x01(\x08\"1\n\x11SharedMemorySlice\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\"x\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\t\x12\x17\n\x0fvariable_length\x18\x06 \x01(\x08\"\xe5\x01\n\x0f\x45mbeddingHeader\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\tcache_key\x18\x02 \x01(\t\x12\x30\n\x0c\x63\x61\x63he_status\x18\x03 \x01(\x0e\x32\x1a.promptcast.v1.CacheStatus\x12*\n\x07tensors\x18\x04 \x03(\x0b\x32\x19.promptcast.v1.TensorSpec\x12\x16\n\x0eserver_seconds\x18\x05 \x01(\x01\x12:\n\x10in_shared_memory\x18\x06 \x01(\x0b\x32 .promptcast.v1.SharedMemorySlice\"^\n\x0e\x45ncodeResponse\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.promptcast.v1.EmbeddingHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*?\n\x07\x43ollate\x12\x11\n\rCOLLATE_STACK\x10\x00\x12\x0f\n\x0b\x43OLLATE_PAD\x10\x01\x12\x10\n\x0c\x43OLLATE_LIST\x10\x02*\x8a\x01\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x17\n\x13\x43\x41\x43HE_STATUS_MEMORY\x10\x02\x12\x15\n\x11\x43\x41\x43HE_STATUS_DISK\x10\x03\x12\x16\n\x12\x43\x41\x43HE_STATUS_REDIS\x10\x04\x32\xa9\x01\n\x0bTextEncoder\x12Q\n\nListModels\x12 .promptcast.v1.ListModelsRequest\x1a!.promptcast.v1.ListModelsResponse\x12G\n\x06\x45ncode\x12\x1c.promptcast.v1.EncodeRequest\x1a\x1d.promptcast.v1.EncodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.promptcast.v1.encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COLLATE']._serialized_start=1217
-  _globals['_COLLATE']._serialized_end=1280
-  _globals['_CACHESTATUS']._serialized_start=1283
-  _globals['_CACHESTATUS']._serialized_end=1421
+  _globals['_COLLATE']._serialized_start=1256
+  _globals['_COLLATE']._serialized_end=1319
+  _globals['_CACHESTATUS']._serialized_start=1322
+  _globals['_CACHESTATUS']._serialized_end=1460
   _globals['_LISTMODELSREQUEST']._serialized_start=53
   _globals['_LISTMODELSREQUEST']._serialized_end=72
   _globals['_OUTPUTSPEC']._serialized_start=75
@@ -46,15 +46,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=524
   _globals['_ENCODEREQUEST']._serialized_end=677
   _globals['_SHAREDMEMORYTARGET']._serialized_start=679
-  _globals['_SHAREDMEMORYTARGET']._serialized_end=728
-  _globals['_SHAREDMEMORYSLICE']._serialized_start=730
-  _globals['_SHAREDMEMORYSLICE']._serialized_end=765
-  _globals['_TENSORSPEC']._serialized_start=767
-  _globals['_TENSORSPEC']._serialized_end=887
-  _globals['_EMBEDDINGHEADER']._serialized_start=890
-  _globals['_EMBEDDINGHEADER']._serialized_end=1119
-  _globals['_ENCODERESPONSE']._serialized_start=1121
-  _globals['_ENCODERESPONSE']._serialized_end=1215
-  _globals['_TEXTENCODER']._serialized_start=1424
-  _globals['_TEXTENCODER']._serialized_end=1593
+  _globals['_SHAREDMEMORYTARGET']._serialized_end=753
+  _globals['_SHAREDMEMORYSLICE']._serialized_start=755
+  _globals['_SHAREDMEMORYSLICE']._serialized_end=804
+  _globals['_TENSORSPEC']._serialized_start=806
+  _globals['_TENSORSPEC']._serialized_end=926
+  _globals['_EMBEDDINGHEADER']._serialized_start=929
+  _globals['_EMBEDDINGHEADER']._serialized_end=1158
+  _globals['_ENCODERESPONSE']._serialized_start=1160
+  _globals['_ENCODERESPONSE']._serialized_end=1254
+  _globals['_TEXTENCODER']._serialized_start=1463
+  _globals['_TEXTENCODER']._serialized_end=1632
 # @@protoc_insertion_point(module_scope)

@@ -92,18 +92,22 @@ class EncodeRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., prompts_2: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., shared_memory: _Optional[_Union[SharedMemoryTarget, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryTarget(_message.Message):
-    __slots__ = ("name", "token")
+    __slots__ = ("name", "token", "reads_published")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    READS_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     name: str
     token: bytes
-    def __init__(self, name: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
+    reads_published: bool
+    def __init__(self, name: _Optional[str] = ..., token: _Optional[bytes] = ..., reads_published: _Optional[bool] = ...) -> None: ...
 
 class SharedMemorySlice(_message.Message):
-    __slots__ = ("offset",)
+    __slots__ = ("offset", "name")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     offset: int
-    def __init__(self, offset: _Optional[int] = ...) -> None: ...
+    name: str
+    def __init__(self, offset: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "byte_length", "checksum", "variable_length")
