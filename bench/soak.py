@@ -139,15 +139,19 @@ class Replica:
         pid = self.proc.pid
         try:
             status = pathlib.Path(f"/proc/{pid}/status").read_text()
-            rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+            fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines()
+                      if line.startswith(("VmRSS:", "RssShmem:"))}
+            # Pages of the server's published slabs (/dev/shm, bounded by --cache-shm) are counted apart.
+            rss, shmem = int(fields["VmRSS"]) * 1024, int(fields.get("RssShmem", 0)) * 1024
             links = [_readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except (OSError, StopIteration):
+        except (OSError, KeyError):
             return
         # Mappings of clients' shared-memory arenas each hold a descriptor, bounded by the server's mapping cache:
         # counted apart, so the rest must stay flat.
         arenas = sum(link.startswith("/dev/shm/promptcast-") for link in links)
         life = self.lives[-1]
-        life["samples"].append((round(time.monotonic() - life["started"], 2), rss, len(links) - arenas, arenas))
+        life["samples"].append((round(time.monotonic() - life["started"], 2), rss - shmem, len(links) - arenas, arenas,
+                                shmem))
 
 
 def _readlink(path: str) -> str:
@@ -157,9 +161,9 @@ def _readlink(path: str) -> str:
         return ""
 
 
-def resources(samples: list[tuple[float, int, int, int]]) -> dict:
+def resources(samples: list[tuple[float, int, int, int, int]]) -> dict:
     """Spread and drift of RSS and fds after warm-up (the first quarter of the samples); fds of shared-memory
-    arenas apart."""
+    arenas and the pages of published slabs apart."""
     if len(samples) < 8:
         return {"samples": len(samples)}
     after = samples[len(samples) // 4:]
@@ -174,7 +178,9 @@ def resources(samples: list[tuple[float, int, int, int]]) -> dict:
                         "last_quarter_median": round(statistics.median(rss[-quarter:]), 1),
                         "slope_mib_per_min": round(slope, 2)},
             "fds": {"first": fds[0], "min": min(fds), "max": max(fds), "last": fds[-1]},
-            "arena_fds": {"max": max(s[3] for s in after), "last": after[-1][3]}}
+            "arena_fds": {"max": max(s[3] for s in after), "last": after[-1][3]},
+            "published_slab_mib": {"max": round(max(s[4] for s in after) / 2**20, 1),
+                                   "last": round(after[-1][4] / 2**20, 1)}}
 
 
 def log_findings(path: pathlib.Path) -> dict:

@@ -104,8 +104,8 @@ class TextEncoderServicer(pb_grpc.TextEncoderServicer):
         server's own shared memory (published by this call if it was not yet: one copy, as into the arena), else
         (offset, "") once copied into the call's arena; None if neither has room (the bytes are streamed)."""
         if published is not None and e.cache_status == "memory":
-            found = published.find(e.key)
-            if found is None and (reservation := published.reserve(e.key, packed.nbytes)) is not None:
+            found = published.find(e.key, packed.specs)
+            if found is None and (reservation := published.reserve(e.key, packed.specs, packed.nbytes)) is not None:
                 found = await self._copy(published.publish, reservation, packed)
             if found is not None:
                 return found[1], found[0]

@@ -63,6 +63,7 @@ class Reservation:
     """Room for one entry in a slab, to be written (`Publisher.write`), then published (`commit`) or given up."""
 
     key: str
+    version: tuple  # what the bytes are: the entry's tensor specs, checksums included
     slab: _Slab
     offset: int
     nbytes: int
@@ -81,7 +82,7 @@ class Publisher:
         self.max_bytes, self.slab_bytes, self.idle_seconds = max_bytes, slab_bytes, idle_seconds
         self.executor = executor
         self.slabs: list[_Slab] = []  # oldest first; the last is appended to
-        self.index: dict[str, tuple[_Slab, int]] = {}  # key -> (slab, offset), once written
+        self.index: dict[str, tuple[_Slab, int, tuple]] = {}  # key -> (slab, offset, version), once written
         self.pending: set[str] = set()  # keys being written
         self.lock = threading.Lock()
         self._growing = False
@@ -92,12 +93,15 @@ class Publisher:
     def held_bytes(self) -> int:
         return sum(slab.size for slab in self.slabs)
 
-    def find(self, key: str) -> tuple[str, int] | None:
-        """Where `key`'s bytes are published: (slab name, offset); None if they are not (yet), or if their slab is no
-        longer in /dev/shm under its name (something else unlinked it: it is dropped, and the entry published anew)."""
+    def find(self, key: str, version: tuple) -> tuple[str, int] | None:
+        """Where `key`'s bytes are published: (slab name, offset); None if they are not (yet), if what is published is
+        another version of the entry (the same key encoded again, in another batch or by another replica, whose bytes
+        may differ in the last bit: `version` is the one being answered, its specs and checksums), or if their slab is
+        no longer in /dev/shm under its name (something else unlinked it: it is dropped, and the entry published
+        anew)."""
         with self.lock:
             found = self.index.get(key)
-            if found is None:
+            if found is None or found[2] != version:
                 return None
             slab = found[0]
             try:
@@ -112,18 +116,18 @@ class Publisher:
             slab.used_at = time.monotonic()
             return slab.name, found[1]
 
-    def reserve(self, key: str, nbytes: int) -> Reservation | None:
-        """Room for `key`'s `nbytes` in the newest slab; None if it is being written already, or if there is no
-        room now (a new slab is then made in the background)."""
+    def reserve(self, key: str, version: tuple, nbytes: int) -> Reservation | None:
+        """Room for this version of `key`'s `nbytes` in the newest slab; None if it is published or being written
+        already, or if there is no room now (a new slab is then made in the background)."""
         with self.lock:
-            if self.closed or key in self.index or key in self.pending:
+            if self.closed or key in self.pending or self.index.get(key, (None, None, None))[2] == version:
                 return None
             slab = self.slabs[-1] if self.slabs else None
             if slab is not None and slab.end + nbytes <= slab.size:
                 offset, slab.end = slab.end, _paged(slab.end + nbytes)  # entries never share a page
                 slab.writers += 1
                 self.pending.add(key)
-                return Reservation(key, slab, offset, nbytes)
+                return Reservation(key, version, slab, offset, nbytes)
             grow = not self._growing and time.monotonic() >= self._retry_at
             self._growing = self._growing or grow
         if grow:
@@ -157,7 +161,7 @@ class Publisher:
                 return None
             slab.keys.append(reservation.key)
             slab.used_at = time.monotonic()
-            self.index[reservation.key] = (slab, reservation.offset)
+            self.index[reservation.key] = (slab, reservation.offset, reservation.version)
             return slab.name, reservation.offset
 
     def grow(self, nbytes: int) -> None:

@@ -167,6 +167,31 @@ def test_no_room_for_a_slab_is_one_warning_and_copies(tiny_flux1, monkeypatch, c
     assert caplog.text.count("no room in /dev/shm for a") == 1
 
 
+def test_an_entry_encoded_again_with_other_bytes_is_published_anew_never_answered_from_the_old(server):
+    """One key, two versions: encoded again in another batch, or by another replica through Redis, an entry may
+    differ in its last bits. The slab holds the version the header's checksums describe, or none."""
+    import asyncio
+
+    from shared.tensor_codec import pack_tensors
+
+    prompt = f"a re-encoded fox {uuid.uuid4()}"
+    published_hit(server, prompt)
+    with RemoteTextEncoder(server.address, timeout=60, shared_memory=False) as far:
+        first, info = far.encode(prompt, max_sequence_length=16, with_info=True)
+    again = {name: t[0].clone() for name, t in first.items()}
+    again["pooled_prompt_embeds"][0] += 1e-6  # the last bits of a re-encode
+    cache = server.server.service.cache
+    asyncio.run_coroutine_threadsafe(asyncio.to_thread(cache.put, info.cache_keys[0], again, pack_tensors(again)),
+                                     server.loop).result(10)
+    with RemoteTextEncoder(server.address, timeout=60) as near:
+        got = near.encode(prompt, max_sequence_length=16)
+        assert_same(got, {name: t[None] for name, t in again.items()})
+        assert all(in_a_slab(t) for t in got.values())  # the new version, published by that call
+        assert len(publisher(server).index) == 1
+        del got
+        assert_same(near.encode(prompt, max_sequence_length=16), {name: t[None] for name, t in again.items()})
+
+
 def test_cache_shm_0_publishes_nothing(tiny_flux1):
     config = ServerConfig([ModelSpec(str(tiny_flux1), name="tiny-flux1")], port=0, cache_dir=None, cache_shm=0)
     with BackgroundServer(config) as server:
@@ -174,12 +199,12 @@ def test_cache_shm_0_publishes_nothing(tiny_flux1):
 
 
 def test_the_publisher_unlinks_only_slabs_idle_long_enough_and_keeps_within_its_bytes():
-    made = []
+    made, V = [], ("specs",)
 
     def fill(pub: published.Publisher, key: str, nbytes: int):
-        reservation = pub.reserve(key, nbytes)
+        reservation = pub.reserve(key, V, nbytes)
         if reservation is None:  # no room: a new slab (made at once here, with no executor), then room
-            reservation = pub.reserve(key, nbytes)
+            reservation = pub.reserve(key, V, nbytes)
         if reservation is None:
             return None
         made.append(reservation.slab.name)
@@ -191,16 +216,18 @@ def test_the_publisher_unlinks_only_slabs_idle_long_enough_and_keeps_within_its_
             assert fill(pub, f"k{i}", 512 << 10) is not None
         assert len(pub.slabs) == 2 and pub.held_bytes == 2 << 20
         assert fill(pub, "k4", 512 << 10) is None  # full, and no slab idle long enough: copies instead
-        assert pub.find("k0") is not None and len(pub.slabs) == 2
+        assert pub.find("k0", V) is not None and len(pub.slabs) == 2
         pub.idle_seconds = 0  # now every slab is idle enough: the oldest goes, and its entries with it
         oldest = pub.slabs[0]
         assert fill(pub, "k4", 512 << 10) is not None
-        assert oldest not in pub.slabs and pub.find("k0") is None and pub.find("k2") is not None
+        assert oldest not in pub.slabs and pub.find("k0", V) is None and pub.find("k2", V) is not None
         assert not os.path.exists(os.path.join(same_host.SHM_DIR, oldest.name)) and pub.held_bytes == 2 << 20
-        name, offset = pub.find("k4")
+        name, offset = pub.find("k4", V)
         mapped = published._map(name)
         assert mapped[offset:offset + 4] == bytes([5] * 4) and offset % published.PAGE == 0
-        assert pub.reserve("k4", 16) is None  # published already
+        assert pub.reserve("k4", V, 16) is None  # published already
+        assert pub.find("k4", ("another",)) is None  # another version of the entry: not these bytes
+        assert pub.publish(pub.reserve("k4", ("another",), 16), [np.zeros(16, np.uint8)]) != (name, offset)
     finally:
         pub.close()
     assert not any(os.path.exists(os.path.join(same_host.SHM_DIR, s)) for s in set(made))
