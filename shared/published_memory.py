@@ -6,12 +6,12 @@ Instead, the first time a memory-tier entry is sent that way, the server copies 
 shared-memory object, `promptcast-` and 32 hex digits, of this user only), and every later hit of that entry, from any
 client on the host, only names the slab and the offset (`SharedMemorySlice.name`): no copy on either side.
 
-A published entry never changes: entries are content-addressed, a slab is only ever appended to (each entry from a
-page boundary), and a slab is unlinked, never reused, once it has not been named in an answer for `idle_seconds`
-and room is needed. A client maps each slab once, copy-on-write (`Slabs`): tensors lent over it may be written by the
-caller without reaching the server's bytes or another client's. The client checks the CRC-32s as for any other
-answer; a mapping whose bytes the caller changed (and so fails that check) is mapped again, and a slab gone before
-the client opened it fails the call as retriable (`SlabGone`).
+A published entry never changes: each is one version of its key (its specs and checksums), a slab is only ever
+appended to (each entry from a page boundary), and a slab is unlinked, never reused, once it has not been named in
+an answer for `idle_seconds` and room is needed. A client maps each slab once, copy-on-write (`Slabs`): tensors lent
+over it may be written by the caller without reaching the server's bytes or another client's. The client checks the
+CRC-32s as for any other answer; a mapping whose bytes the caller changed (and so fails that check) is mapped again,
+and a slab gone before the client opened it fails the call as retriable (`SlabGone`).
 
 Clients say they read slabs (`SharedMemoryTarget.reads_published`); a server never names one to any other.
 """
@@ -60,7 +60,7 @@ class _Slab:
 
 @dataclass(frozen=True)
 class Reservation:
-    """Room for one entry in a slab, to be written (`Publisher.write`), then published (`commit`) or given up."""
+    """Room for one entry in a slab, written and then published by `Publisher.publish`."""
 
     key: str
     version: tuple  # what the bytes are: the entry's tensor specs, checksums included
@@ -252,10 +252,11 @@ class Slabs:
         holds (and may have written), so they are copied rather than lent again."""
         return (id(mapped), offset) in self.lent
 
-    def lend(self, mapped: mmap.mmap, offset: int, length: int) -> np.ndarray:
-        """`length` bytes of `mapped` from `offset` as a uint8 array over the mapping itself (kept alive by it)."""
+    def lend(self, mapped: mmap.mmap, offset: int, length: int, entry: int) -> np.ndarray:
+        """`length` bytes of `mapped` from `offset` as a uint8 array over the mapping itself (kept alive by it), counted
+        as lent from the entry at `entry` while it lives (`lent_at`)."""
         array = np.frombuffer(mapped, np.uint8, count=length, offset=offset)
-        key = (id(mapped), offset)
+        key = (id(mapped), entry)
         with self.lock:
             self.lent[key] = self.lent.get(key, 0) + 1
         weakref.finalize(array, self._returned, key).atexit = False

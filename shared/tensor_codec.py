@@ -294,7 +294,7 @@ class EmbeddingAssembler:
             if mapped is not None and published.SLABS.lent_at(mapped, where.offset):
                 return False
             try:
-                tensors = {spec.name: self._lend(spec, dtypes[spec.name], start, mapped, header.index)
+                tensors = {spec.name: self._lend(spec, dtypes[spec.name], start, mapped, where.offset, header.index)
                            for spec, start in zip(header.tensors, starts)}
                 break
             except PayloadError:
@@ -310,9 +310,10 @@ class EmbeddingAssembler:
         self.shared_bytes += total
         return True
 
-    def _lend(self, spec: pb.TensorSpec, dtype: torch.dtype, start: int, mapped, index: int) -> torch.Tensor:
+    def _lend(self, spec: pb.TensorSpec, dtype: torch.dtype, start: int, mapped, entry: int, index: int
+              ) -> torch.Tensor:
         try:
-            data = (published.SLABS.lend(mapped, start, spec.byte_length) if mapped is not None
+            data = (published.SLABS.lend(mapped, start, spec.byte_length, entry) if mapped is not None
                     else self.shared.lend(start, spec.byte_length))
         except ValueError as e:
             raise PayloadError(f"prompt {index}: {e}") from None
@@ -335,7 +336,8 @@ class EmbeddingAssembler:
                                "offered none")
         for fresh in (False, True):
             try:
-                view = (memoryview(self._slab(where.name, where.offset, total, fresh))[where.offset:where.offset + total]
+                end = where.offset + total
+                view = (memoryview(self._slab(where.name, where.offset, total, fresh))[where.offset:end]
                         if where.name else self.shared.view(where.offset, total))
             except ValueError as e:
                 raise PayloadError(f"prompt {self._current.index}: {e}") from None
