@@ -361,6 +361,58 @@ def direct_batches(encoder, sizes: list[int], flops: float, peak: float) -> dict
     return out
 
 
+def gemm_ceiling(encoder, sizes: list[int], peak: float, baseline: float) -> dict:
+    """The encoder's own linear layers and nothing else: every `nn.Linear` call one real batch of `size` prompts makes,
+    replayed back to back on inputs of the shapes that batch gave them (on CUDA as one graph: no launch gaps). The
+    attention scores, norms, activations, tokenizing and copies are left out, so no bf16 implementation of this model
+    computing what diffusers computes runs faster than this: its prompts/s bound what a server can reach."""
+    out = {}
+    for size in sizes:
+        calls = []
+        hooks = [m.register_forward_hook(lambda m, args, _out: calls.append((m, args[0].shape)))
+                 for module in encoder_modules(encoder) for m in module.modules()
+                 if isinstance(m, torch.nn.Linear)]
+        try:
+            encoder.encode([prompt(i, f"ceiling{size}") for i in range(size)], None, 512)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        inputs = {}  # one random input per shape (the values do not change the time)
+        for m, shape in calls:
+            inputs.setdefault((tuple(shape), m.weight.dtype), torch.randn(shape, device=encoder.device,
+                                                                           dtype=m.weight.dtype))
+
+        @torch.no_grad()
+        def replay():
+            for m, shape in calls:
+                torch.nn.functional.linear(inputs[(tuple(shape), m.weight.dtype)], m.weight, m.bias)
+
+        flops = sum(2 * m.in_features * m.out_features * shape.numel() // shape[-1] for m, shape in calls)
+        run, graph = replay, None
+        if encoder.device.type == "cuda":
+            replay()
+            torch.cuda.synchronize(encoder.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replay()
+            run = graph.replay
+        run()
+        sync(encoder.device)
+        iters, start = (10 if encoder.device.type == "cuda" else 2), time.perf_counter()
+        for _ in range(iters):
+            run()
+        sync(encoder.device)
+        seconds = (time.perf_counter() - start) / iters
+        count, run, graph, inputs, calls = len(calls), None, None, None, None
+        rate = size / seconds
+        out[str(size)] = {"linear_calls": count, "prompts_per_s": round(rate, 2),
+                          "linear_tflop_per_prompt": round(flops / size / 1e12, 4),
+                          "tflops": round(flops / seconds / 1e12, 1), "of_peak": round(flops / seconds / 1e12 / peak, 3),
+                          "x_diffusers": round(rate / baseline, 2)}
+    print(f"  the linear layers alone (the bf16 ceiling): {out}", flush=True)
+    return out
+
+
 def embeds(encoder, prompts: list[str]) -> torch.Tensor:
     out = []
     for i in range(0, len(prompts), 8):
@@ -437,6 +489,8 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
     if hasattr(encoder, "after_baseline"):
         encoder.after_baseline()  # FLUX.2: from diffusers' whole Mistral3 to the server's truncated decoder
     report["direct"] = direct_batches(encoder, args.direct_batches, flops, peak)
+    if args.gemm_ceiling:
+        report["gemm_ceiling"] = gemm_ceiling(encoder, args.gemm_ceiling, peak, base["prompts_per_s"])
 
     def served(label, clients, on=None, frozen=False):
         levels = server_levels(on or encoder, clients, args.seconds, pool, processes, args, label, frozen)
@@ -504,7 +558,7 @@ def run_family(name, build, flops_of, args, device, dtype, pool, processes, peak
             again["mfu"] = round(again["prompts_per_s"] * flops / 1e12 / peak, 3)
             report["diffusers_batch1"], report["diffusers_batch1_again"] = again, base
             for key, value in report.items():
-                sets = [value] if key == "server" or key.startswith("process_worker") else [
+                sets = [value] if key in ("server", "gemm_ceiling") or key.startswith("process_worker") else [
                     v.get("levels", {}) for v in value.values()] if key == "accelerated" else []
                 for level in (lvl for levels in sets for lvl in levels.values()):
                     level["x_diffusers"] = round(level["prompts_per_s"] / again["prompts_per_s"], 2)
@@ -596,6 +650,9 @@ def table(report: dict) -> str:
             f"batch {n} {d['prompts_per_s']:.1f} prompts/s ({d['mfu']:.0%} MFU)" for n, d in res["direct"].items()))
         lines.append(f"{family:8} {'diffusers loop, b1':34} {b['prompts_per_s']:>10.2f} {b['p50_ms']:>8.1f} "
                      f"{b['p99_ms']:>8.1f} {b['mfu']:>6.1%} {'1.00x':>12} {1:>6}")
+        for n, c in res.get("gemm_ceiling", {}).items():
+            lines.append(f"{family:8} {'linear layers alone, batch ' + n:34} {c['prompts_per_s']:>10.2f} {'':>8} "
+                         f"{'':>8} {c['of_peak']:>6.1%} {c['x_diffusers']:>11.2f}x {n:>6}")
         rows = [(f"server (eager), {n} clients", lvl) for n, lvl in res.get("server", {}).items()]
         for label, levels in res.items():
             if label.startswith("process_worker"):
@@ -644,6 +701,8 @@ def main():
                              "set-up of graphs and compile named (none: eager and graphs)")
     parser.add_argument("--fidelity-prompts", type=int, default=16)
     parser.add_argument("--direct-batches", type=int, nargs="*", default=[1, 16, 32])
+    parser.add_argument("--gemm-ceiling", type=int, nargs="*", default=[16],
+                        help="batch sizes at which the encoder's linear layers alone are timed: the bf16 ceiling")
     parser.add_argument("--processes", type=int, default=8, help="client processes (threads share them)")
     parser.add_argument("--thread-clients", type=int, nargs="*", default=None,
                         help="client counts for the server with its model on a thread (default: --clients; none: "
