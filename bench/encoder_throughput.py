@@ -364,8 +364,9 @@ def direct_batches(encoder, sizes: list[int], flops: float, peak: float) -> dict
 def gemm_ceiling(encoder, sizes: list[int], peak: float, baseline: float) -> dict:
     """The encoder's own linear layers and nothing else: every `nn.Linear` call one real batch of `size` prompts makes,
     replayed back to back on inputs of the shapes that batch gave them (on CUDA as one graph: no launch gaps). The
-    attention scores, norms, activations, tokenizing and copies are left out, so no bf16 implementation of this model
-    computing what diffusers computes runs faster than this: its prompts/s bound what a server can reach."""
+    attention scores, norms, activations, tokenizing and copies are left out, so nothing that issues these matmuls in
+    bf16 runs faster: its prompts/s bound what a server of the same kernels can reach. (Merged matmuls, q/k/v or
+    gate/up as one, could go a little past it, with other bytes; the square matmul's peak is the hard bound.)"""
     out = {}
     for size in sizes:
         calls = []
