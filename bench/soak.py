@@ -176,11 +176,20 @@ def resources(samples: list[tuple[float, int, int, int, int]]) -> dict:
             "rss_mib": {"first": round(rss[0], 1), "min": round(min(rss), 1), "max": round(max(rss), 1),
                         "last": round(rss[-1], 1), "first_quarter_median": round(statistics.median(rss[:quarter]), 1),
                         "last_quarter_median": round(statistics.median(rss[-quarter:]), 1),
-                        "slope_mib_per_min": round(slope, 2)},
+                        "slope_mib_per_min": round(slope, 2),
+                        # the median of each minute after warm-up: whether a rise levels off or goes on
+                        "minute_medians": [round(statistics.median(v), 1) for v in minutes(t, rss)]},
             "fds": {"first": fds[0], "min": min(fds), "max": max(fds), "last": fds[-1]},
             "arena_fds": {"max": max(s[3] for s in after), "last": after[-1][3]},
             "published_slab_mib": {"max": round(max(s[4] for s in after) / 2**20, 1),
                                    "last": round(after[-1][4] / 2**20, 1)}}
+
+
+def minutes(t: list[float], values: list[float]) -> list[list[float]]:
+    buckets: dict[int, list[float]] = {}
+    for when, value in zip(t, values):
+        buckets.setdefault(int((when - t[0]) // 60), []).append(value)
+    return [buckets[k] for k in sorted(buckets)]
 
 
 def log_findings(path: pathlib.Path) -> dict:
