@@ -174,14 +174,19 @@ def flux2_flops_per_prompt(encoder, length: int = 512) -> float:
 def matmul_peak(device, dtype, n: int) -> float:
     """TFLOP/s of an n^3 matmul: the MFU denominator."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    return 2 * n**3 / seconds_per_call(lambda: a @ b, device, warmup=3) / 1e12
+
+
+def seconds_per_call(run, device, warmup: int = 1) -> float:
+    """Mean seconds of `run()` once warm: 10 calls on CUDA, 2 on the CPU, synchronized at both ends."""
+    for _ in range(warmup):
+        run()
     sync(device)
     iters, start = 10 if device.type == "cuda" else 2, time.perf_counter()
     for _ in range(iters):
-        a @ b
+        run()
     sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+    return (time.perf_counter() - start) / iters
 
 
 def diffusers_loop(encoder, seconds: float, tag: str) -> dict:
@@ -378,17 +383,17 @@ def gemm_ceiling(encoder, sizes: list[int], peak: float, baseline: float) -> dic
         finally:
             for hook in hooks:
                 hook.remove()
-        inputs = {}  # one random input per shape (the values do not change the time)
-        for m, shape in calls:
-            inputs.setdefault((tuple(shape), m.weight.dtype), torch.randn(shape, device=encoder.device,
-                                                                           dtype=m.weight.dtype))
+        # One random input per shape and dtype, drawn once (the values do not change the time).
+        inputs = {key: torch.randn(key[0], device=encoder.device, dtype=key[1])
+                  for key in {(tuple(shape), m.weight.dtype) for m, shape in calls}}
+        work = [(inputs[tuple(shape), m.weight.dtype], m.weight, m.bias) for m, shape in calls]
+        flops = sum(2 * m.in_features * m.out_features * shape.numel() // shape[-1] for m, shape in calls)
 
         @torch.no_grad()
         def replay():
-            for m, shape in calls:
-                torch.nn.functional.linear(inputs[(tuple(shape), m.weight.dtype)], m.weight, m.bias)
+            for x, weight, bias in work:
+                torch.nn.functional.linear(x, weight, bias)
 
-        flops = sum(2 * m.in_features * m.out_features * shape.numel() // shape[-1] for m, shape in calls)
         run, graph = replay, None
         if encoder.device.type == "cuda":
             replay()
@@ -397,14 +402,8 @@ def gemm_ceiling(encoder, sizes: list[int], peak: float, baseline: float) -> dic
             with torch.cuda.graph(graph):
                 replay()
             run = graph.replay
-        run()
-        sync(encoder.device)
-        iters, start = (10 if encoder.device.type == "cuda" else 2), time.perf_counter()
-        for _ in range(iters):
-            run()
-        sync(encoder.device)
-        seconds = (time.perf_counter() - start) / iters
-        count, run, graph, inputs, calls = len(calls), None, None, None, None
+        seconds = seconds_per_call(run, encoder.device)
+        count, run, graph, inputs, work, calls = len(calls), None, None, None, None, None
         rate = size / seconds
         out[str(size)] = {"linear_calls": count, "prompts_per_s": round(rate, 2),
                           "linear_tflop_per_prompt": round(flops / size / 1e12, 4),
